@@ -1,0 +1,359 @@
+"""The `cnnlab` command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+EPILOGS = {
+    "train": """examples:
+  cnnlab train lenet                              # the zoo's lenet on the embedded mnist-5k
+  cnnlab train lenet --data mnist --epochs 5 --out runs/lenet-mnist
+  cnnlab train cifar-basic --data cifar10 --precision bf16
+  cnnlab train my_model.json --data ./photos --val-split 0.2 --early-stopping 3
+  cnnlab train lenet --engine numpy --epochs 3    # the from-scratch NumPy engine
+  cnnlab train --resume runs/lenet-mnist          # continue after Ctrl-C""",
+    "evaluate": """examples:
+  cnnlab evaluate runs/demo/model.safetensors --data mnist-5k
+  cnnlab evaluate runs/demo --data mnist --json > metrics.json""",
+    "predict": """examples:
+  cnnlab predict runs/demo/model.safetensors digit.png other.jpg --top-k 3
+  cnnlab predict runs/demo *.png --json""",
+    "summary": """examples:
+  cnnlab summary lenet
+  cnnlab summary runs/demo/model.safetensors --json
+  cnnlab summary my_model.json""",
+    "datasets": """examples:
+  cnnlab datasets
+  cnnlab datasets --data-dir /data/sets""",
+    "zoo": """examples:
+  cnnlab zoo
+  cnnlab summary cifar-bn""",
+}
+
+
+class CLIError(Exception):
+    pass
+
+
+def _add_engine(p, default="auto"):
+    p.add_argument("--engine", choices=["auto", "torch", "numpy"], default=default,
+                   help="engine to run the model with (auto: torch when installed)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    parser = argparse.ArgumentParser(
+        prog="cnnlab", description="Define, train, inspect and serve CNNs for image "
+                                   "classification.",
+        epilog="Run 'cnnlab COMMAND --help' for the options and examples of each command.")
+    parser.add_argument("--version", action="version", version=f"cnnlab {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    t = sub.add_parser("train", help="train a model", epilog=EPILOGS["train"], formatter_class=fmt,
+                       description="Train a zoo model or a model described in JSON. Defaults "
+                                   "come from the zoo model's recipe; options override them.")
+    t.add_argument("model", nargs="?", help="zoo name (see 'cnnlab zoo') or a model .json file")
+    t.add_argument("--data", help="dataset name (see 'cnnlab datasets') or an image folder "
+                                  "(default: the recipe's, else mnist-5k)")
+    t.add_argument("--data-dir", help="where dataset files are looked for and downloaded")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--optimizer", choices=["sgd", "adam", "adamw", "rmsprop"])
+    t.add_argument("--lr", type=float, help="learning rate")
+    t.add_argument("--momentum", type=float, help="SGD/RMSprop momentum")
+    t.add_argument("--nesterov", action="store_true", default=None, help="Nesterov momentum (SGD)")
+    t.add_argument("--weight-decay", type=float)
+    t.add_argument("--schedule", choices=["constant", "step", "cosine", "onecycle", "plateau"])
+    t.add_argument("--loss", choices=["categorical_crossentropy", "binary_crossentropy", "mse"])
+    t.add_argument("--label-smoothing", type=float)
+    t.add_argument("--augment", help="e.g. 'translate=0.1,flip,rotate=10,zoom=0.1,noise=0.02,"
+                                     "crop=4,fill=zero'; 'none' turns the recipe's off")
+    t.add_argument("--standardize", action="store_true", default=None,
+                   help="per-channel standardization with training-split statistics")
+    t.add_argument("--val-split", type=float,
+                   help="fraction of the training data held out for validation "
+                        "(default 0: validate on the test split)")
+    t.add_argument("--early-stopping", type=int, metavar="PATIENCE",
+                   help="stop when --monitor has not improved for PATIENCE epochs, "
+                        "restoring the best weights")
+    t.add_argument("--monitor", default="val_loss",
+                   choices=["val_loss", "val_accuracy", "loss", "accuracy"])
+    t.add_argument("--seed", type=int)
+    t.add_argument("--device", default=None, help="auto (default), cpu or cuda")
+    t.add_argument("--engine", choices=["torch", "numpy"])
+    t.add_argument("--precision", choices=["fp32", "bf16"], help="bf16: mixed precision")
+    t.add_argument("--out", help="run directory (default runs/<model>-<data>-<time>)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint")
+    t.add_argument("--quiet", action="store_true", help="one line per epoch, no progress bar")
+
+    e = sub.add_parser("evaluate", help="loss, accuracy, per-class metrics, confusion matrix",
+                       epilog=EPILOGS["evaluate"], formatter_class=fmt)
+    e.add_argument("model", help="model file or run directory")
+    e.add_argument("--data", default=None, help="dataset (default: the one it was trained on)")
+    e.add_argument("--json", action="store_true", help="print JSON")
+    _add_engine(e)
+
+    p = sub.add_parser("predict", help="classify image files", epilog=EPILOGS["predict"],
+                       formatter_class=fmt)
+    p.add_argument("model", help="model file or run directory")
+    p.add_argument("images", nargs="+", help="image files (any size or mode)")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _add_engine(p)
+
+    s = sub.add_parser("summary", help="layers, output shapes and parameter counts",
+                       epilog=EPILOGS["summary"], formatter_class=fmt)
+    s.add_argument("model", help="zoo name, model .json, model file or run directory")
+    s.add_argument("--json", action="store_true", help="print JSON")
+
+    d = sub.add_parser("datasets", help="list datasets and where their files are",
+                       epilog=EPILOGS["datasets"], formatter_class=fmt)
+    d.add_argument("--data-dir")
+    d.add_argument("--json", action="store_true")
+
+    z = sub.add_parser("zoo", help="list the built-in architectures and their recipes",
+                       epilog=EPILOGS["zoo"], formatter_class=fmt)
+    z.add_argument("--json", action="store_true")
+    from .extensions import add_parsers
+    add_parsers(sub, fmt)
+    return parser
+
+
+# helpers -------------------------------------------------------------------------------
+def load_model_arg(arg: str):
+    """A zoo name, a JSON description, a model file or a run directory -> Sequential."""
+    from . import zoo
+    from .fileformat import load
+    from .model import Sequential
+    path = Path(arg)
+    if arg in zoo.MODELS:
+        return zoo.build(arg)
+    if path.suffix == ".json" and path.is_file():
+        return Sequential.from_json(path.read_text())
+    if path.exists():
+        return load(path)
+    raise CLIError(f"{arg}: not a zoo model ({', '.join(zoo.MODELS)}), a .json description, "
+                   f"a model file or a run directory")
+
+
+def parse_augment(text: str | None):
+    if text is None:
+        return None
+    if text.strip().lower() in ("none", "off", ""):
+        return {}
+    out = {}
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        key, _, val = part.partition("=")
+        if not val:
+            out[key] = True
+            continue
+        try:
+            out[key] = int(val) if val.lstrip("-").isdigit() else float(val)
+        except ValueError:
+            out[key] = val
+    return out
+
+
+def cmd_train(args):
+    from . import datasets, zoo
+    from .train import TrainConfig, default_run_dir, fit, resume_run
+    if args.resume:
+        if args.model:
+            raise CLIError("--resume takes the run directory; give no model with it")
+        resume_run(args.resume)
+        return 0
+    if not args.model:
+        raise CLIError("which model? e.g. 'cnnlab train lenet' (see 'cnnlab zoo')")
+    options = {}
+    if args.model in zoo.MODELS:
+        options.update({k: v for k, v in zoo.recipe(args.model).items() if k != "description"})
+    flags = {"data": args.data, "data_dir": args.data_dir, "epochs": args.epochs,
+             "batch_size": args.batch_size, "optimizer": args.optimizer, "lr": args.lr,
+             "momentum": args.momentum, "nesterov": args.nesterov,
+             "weight_decay": args.weight_decay, "schedule": args.schedule, "loss": args.loss,
+             "label_smoothing": args.label_smoothing, "augment": parse_augment(args.augment),
+             "standardize": args.standardize, "val_split": args.val_split, "seed": args.seed,
+             "device": args.device, "engine": args.engine, "precision": args.precision}
+    options.update({k: v for k, v in flags.items() if v is not None})
+    if not options.get("augment"):
+        options.pop("augment", None)
+    options.setdefault("data", "mnist-5k")
+    if args.early_stopping is not None:
+        options["early_stopping"] = {"monitor": args.monitor, "patience": args.early_stopping}
+    options["verbose"] = 2 if args.quiet else 1
+    ds = datasets.load(options["data"], data_dir=options.get("data_dir"))
+    if args.model in zoo.MODELS:
+        model = zoo.build(args.model, input_shape=ds.input_shape, num_classes=ds.num_classes)
+    else:
+        model = load_model_arg(args.model)
+        if model.weights and Path(args.model).suffix == ".safetensors":
+            print("note: training starts from fresh weights; the file gives the architecture")
+    options["model"] = args.model
+    cfg = TrainConfig.from_dict(dict(options))
+    out = Path(args.out) if args.out else default_run_dir(cfg, Path(args.model).stem)
+    options["out"] = str(out)
+    fit(model, ds, **options)
+    print(f"\nNext: cnnlab evaluate {out} --data {options['data']}\n"
+          f"      cnnlab predict {out} IMAGE.png\n"
+          f"      cnnlab summary {out}")
+    return 0
+
+
+def _dataset_for(model, data):
+    if data:
+        return data
+    ds = (model.meta.get("training") or {}).get("dataset")
+    if not ds or ds == "arrays":
+        raise CLIError("which dataset? pass --data (the model file does not name one)")
+    return ds
+
+
+def cmd_evaluate(args):
+    from .console import table
+    from .evaluate import evaluate
+    model = load_model_arg(args.model)
+    res = evaluate(model, _dataset_for(model, args.data), engine=args.engine)
+    if args.json:
+        print(json.dumps({k: res[k] for k in ("accuracy", "loss", "per_class",
+                                              "confusion_matrix", "class_names", "images")}))
+        return 0
+    print(f"{res['dataset']}: {res['images']:,} test images, engine {res['engine']}")
+    print(f"accuracy {res['accuracy']:.4f}   loss {res['loss']:.4f}\n")
+    rows = [(r["class"], f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}",
+             r["support"]) for r in res["per_class"]]
+    print(table(["class", "precision", "recall", "f1", "support"], rows))
+    names = [n[:6] for n in res["class_names"]]
+    cm_rows = [[names[i]] + row for i, row in enumerate(res["confusion_matrix"])]
+    print(table(["true \\ pred"] + names, cm_rows, title="Confusion matrix (rows: true class)"))
+    if res["most_confused"]:
+        print("Most confused: " + ", ".join(f"{a} -> {b} ({n})"
+                                            for a, b, n in res["most_confused"]))
+    return 0
+
+
+def cmd_predict(args):
+    import numpy as np
+    from .datasets import DatasetError, load_image
+    from .predict import predict_proba, top_k
+    model = load_model_arg(args.model)
+    good, arrays, failed = [], [], []
+    for path in args.images:
+        try:
+            arrays.append(load_image(path, model.input_shape))
+            good.append(path)
+        except DatasetError as e:
+            failed.append((path, str(e)))
+            print(f"error: {e}", file=sys.stderr)
+    results = []
+    if arrays:
+        probs = predict_proba(model, np.stack(arrays), engine=args.engine)
+        for path, top in zip(good, top_k(model, probs, max(1, args.top_k))):
+            results.append({"file": path, "top": [{"label": lab, "probability": round(p, 6)}
+                                                  for lab, p in top]})
+    if args.json:
+        print(json.dumps({"predictions": results,
+                          "errors": [{"file": f, "error": m} for f, m in failed]}))
+    else:
+        for r in results:
+            best = r["top"][0]
+            rest = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top"][1:])
+            print(f"{r['file']}: {best['label']} ({best['probability']:.3f})"
+                  + (f"   [{rest}]" if rest else ""))
+    return 1 if failed else 0
+
+
+def cmd_summary(args):
+    model = load_model_arg(args.model)
+    if args.json:
+        d = model.summary_dict()
+        print(json.dumps({"layers": d["layers"], "total_params": d["total_params"],
+                          "trainable_params": d["trainable_params"],
+                          "non_trainable_params": d["non_trainable_params"]}))
+    else:
+        model.summary()
+        tr = model.meta.get("training")
+        if tr:
+            acc = tr.get("test_accuracy")
+            print(f" Trained on {tr.get('dataset')} for {tr.get('epochs')} epochs"
+                  + (f", test accuracy {acc:.4f}" if acc is not None else ""))
+    return 0
+
+
+def cmd_datasets(args):
+    from .console import table
+    from .datasets import list_datasets
+    rows = list_datasets(args.data_dir)
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    print(table(["dataset", "status", "where", "description"],
+                [(r["name"], "ready" if r["available"] else
+                  ("missing " + ", ".join(r["missing"][:2]) + ("…" if len(r["missing"]) > 2 else "")),
+                  r["path"] or "-", r.get("description", "")) for r in rows],
+                justify={i: "left" for i in range(4)}))
+    from .datasets import data_dirs
+    print("Looked in: " + ", ".join(str(p) for p in data_dirs(args.data_dir)) +
+          "\nMissing files are downloaded on first use; or put them there by hand.")
+    return 0
+
+
+def cmd_zoo(args):
+    from . import zoo
+    from .console import table
+    rows = []
+    for name in zoo.MODELS:
+        m, r = zoo.build(name), zoo.recipe(name)
+        rows.append({"name": name, "params": m.count_params()[0], "input": list(m.input_shape),
+                     **r})
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    print(table(["model", "params", "data", "recipe", "description"],
+                [(r["name"], f"{r['params']:,}", r["data"],
+                  f"{r['optimizer']} lr {r['lr']:g}, {r['epochs']} ep, bs {r['batch_size']}"
+                  + (", aug" if r.get("augment") else ""), r["description"]) for r in rows],
+                justify={0: "left", 2: "left", 3: "left", 4: "left"}))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
+            "summary": cmd_summary, "datasets": cmd_datasets, "zoo": cmd_zoo}
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    from .datasets import DatasetError
+    from .fileformat import ModelFileError
+    from .layers import ModelError
+    from .train import TrainingError, TrainingInterrupted
+    from .extensions import COMMANDS as EXTRA
+    handler = COMMANDS.get(args.command) or EXTRA[args.command]
+    try:
+        return handler(args)
+    except TrainingInterrupted as e:
+        print(f"\n{e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except (CLIError, DatasetError, ModelFileError, ModelError, TrainingError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Terminal output: the Keras-style summary table and training progress."""
+from __future__ import annotations
+
+import io
+import sys
+import time
+
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+def _shape(shape) -> str:
+    return "(" + ", ".join("None" if d is None else str(d) for d in shape) + ")"
+
+
+def render(renderable, width=88) -> str:
+    buf = io.StringIO()
+    Console(file=buf, width=width, force_terminal=False, color_system=None,
+            legacy_windows=False).print(renderable)
+    return buf.getvalue().rstrip("\n")
+
+
+def table(columns, rows, title=None, justify=None) -> str:
+    """A plain text table (used by summary, evaluate and datasets)."""
+    t = Table(title=title, box=box.SIMPLE_HEAVY, title_justify="left")
+    for i, col in enumerate(columns):
+        t.add_column(col, justify=(justify or {}).get(i, "left" if i == 0 else "right"))
+    for row in rows:
+        t.add_row(*[str(c) for c in row])
+    return render(t, width=max(88, sum(len(c) + 6 for c in columns)))
+
+
+def summary_table(summary: dict) -> str:
+    """Keras 3's model.summary() layout, with the same counts."""
+    t = Table(title=f'Model: "{summary["name"]}"', box=box.HEAVY_HEAD, title_justify="left")
+    t.add_column("Layer (type)", min_width=30)
+    t.add_column("Output Shape", min_width=22)
+    t.add_column("Param #", justify="right", min_width=11)
+    for row in summary["layers"]:
+        t.add_row(f'{row["name"]} ({row["type"]})', _shape(row["output_shape"]),
+                  f'{row["params"]:,}')
+    total, tr, non = (summary["total_params"], summary["trainable_params"],
+                      summary["non_trainable_params"])
+    lines = [render(t),
+             f" Total params: {total:,} ({_bytes(total * 4)})",
+             f" Trainable params: {tr:,} ({_bytes(tr * 4)})",
+             f" Non-trainable params: {non:,} ({_bytes(non * 4)})"]
+    return "\n".join(lines)
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.2f} {unit}" if unit != "B" else f"{n:.2f} B"
+        n /= 1024
+    return f"{n:.2f} GB"
+
+
+SHOWN = ("loss", "accuracy", "val_loss", "val_accuracy")
+
+
+def format_metrics(logs: dict) -> str:
+    return " - ".join(f"{k}: {v:.4f}" for k, v in logs.items() if v is not None)
+
+
+class EpochProgress:
+    """One progress bar per epoch (steps, ETA, running loss/accuracy), then one line
+    per epoch, like Keras' fit(verbose=1). verbose=0 prints nothing, 2 one line."""
+
+    def __init__(self, epochs: int, steps: int, verbose: int = 1, file=None):
+        self.epochs, self.steps, self.verbose = epochs, steps, verbose
+        self.file = file or sys.stdout
+        self.console = Console(file=self.file, highlight=False)
+        self._progress = None
+
+    def start_epoch(self, epoch: int, start_step: int = 0):
+        self.t0 = time.perf_counter()
+        if self.verbose == 0:
+            return
+        print(f"Epoch {epoch + 1}/{self.epochs}", file=self.file, flush=True)
+        if self.verbose == 1 and self.console.is_terminal:
+            self._progress = Progress(MofNCompleteColumn(), BarColumn(bar_width=30),
+                                      TimeRemainingColumn(), TextColumn("{task.fields[logs]}"),
+                                      console=self.console, transient=True)
+            self._progress.start()
+            self._task = self._progress.add_task("", total=self.steps, completed=start_step,
+                                                 logs="")
+
+    def update(self, step: int, logs: dict):
+        if self._progress is not None:
+            shown = {k: v for k, v in logs.items() if k in SHOWN}
+            self._progress.update(self._task, completed=step, logs=format_metrics(shown))
+
+    def end_epoch(self, logs: dict):
+        self.close()
+        if self.verbose:
+            secs = time.perf_counter() - self.t0
+            shown = {k: v for k, v in logs.items() if k in SHOWN}
+            print(f"{self.steps}/{self.steps} - {secs:.1f}s - {format_metrics(shown)}",
+                  file=self.file, flush=True)
+
+    def close(self):
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None

@@ -1,0 +1,190 @@
+"""One training step with PyTorch, for the loop in `cnnlab.train`.
+
+The whole training set stays in memory as a uint8 tensor on the device; a step
+gathers a batch by index, scales and standardizes it, augments it as a batch,
+and runs forward, loss, backward and the optimizer. Metrics accumulate on the
+device and are read back only when the loop asks (`collect`), so the CPU never
+waits for the device mid-epoch.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .torch_engine import TorchNet, export_weights, load_weights, param_names, resolve_device
+
+
+def make_torch_optimizer(cfg, params):
+    name = cfg.optimizer
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay or 0.01)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=cfg.lr, momentum=cfg.momentum,
+                                   weight_decay=cfg.weight_decay)
+    raise ValueError(name)
+
+
+def loss_fn(name, model, logits, y, label_smoothing=0.0):
+    """Mean loss over the batch, from logits (the final softmax/sigmoid is fused in)."""
+    if name in ("categorical_crossentropy", "sparse_categorical_crossentropy"):
+        return F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+    if name == "binary_crossentropy":
+        return F.binary_cross_entropy_with_logits(logits[:, 0], y.to(logits.dtype))
+    if name == "mse":  # squared error between probabilities and one-hot targets
+        probs = torch.softmax(logits, dim=1)
+        return F.mse_loss(probs, F.one_hot(y, probs.shape[1]).to(probs.dtype))
+    raise ValueError(name)
+
+
+def predictions(model, logits):
+    if model.output_shape[-1] == 1 and model.output_activation == "sigmoid":
+        return (logits[:, 0] > 0).long()
+    return logits.argmax(1)
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, model, cfg, data):
+        self.model, self.cfg = model, cfg
+        self.device = resolve_device(cfg.device)
+        self.net = TorchNet(model).to(self.device)
+        load_weights(self.net, model)
+        self.channels_last = cfg.channels_last and model.input_shape[-1] > 1
+        if self.channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.params = [p for _, p in param_names(self.net)]
+        self.opt = make_torch_optimizer(cfg, self.params)
+        self.x = self._images(data.x_train)
+        self.y = torch.from_numpy(data.y_train).to(self.device)
+        prep = data.preprocessing
+        c = model.input_shape[-1]
+        self.mean = torch.tensor(prep["mean"], dtype=torch.float32, device=self.device).view(1, c, 1, 1)
+        self.inv_std = (1 / torch.tensor(prep["std"], dtype=torch.float32,
+                                         device=self.device)).view(1, c, 1, 1)
+        self.autocast = cfg.precision == "bf16"
+        self.sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        self.seen = 0
+        self.top5 = model.num_classes > 5
+        kind = "CUDA " + torch.cuda.get_device_name(self.device) if self.device.type == "cuda" \
+            else f"CPU, {torch.get_num_threads()} threads"
+        self.device_info = f"{kind}, {cfg.precision}" + \
+            (", channels_last" if self.channels_last else "")
+
+    def _images(self, x_uint8: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(x_uint8)).permute(0, 3, 1, 2)
+        return t.to(self.device)  # stays uint8: 4x less memory than float
+
+    def _batch(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        xb = (x_uint8.float() * (1 / 255) - self.mean) * self.inv_std
+        if self.channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        return xb
+
+    # loop interface -------------------------------------------------------------
+    @property
+    def lr(self):
+        return self.opt.param_groups[0]["lr"]
+
+    def set_lr(self, lr):
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+
+    def seed_epoch(self, seed):
+        torch.manual_seed(seed)  # dropout masks
+
+    def train_step(self, idx: np.ndarray, seed: int):
+        self.net.train()
+        ii = torch.from_numpy(idx).to(self.device)
+        xb, yb = self._batch(self.x.index_select(0, ii)), self.y.index_select(0, ii)
+        if self.cfg.augment:
+            from ..augment import augment
+            g = torch.Generator(device="cpu").manual_seed(seed)
+            xb = augment(xb, self.cfg.augment, g)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            logits = self.net(xb)
+            loss = loss_fn(self.cfg.loss, self.model, logits.float(), yb, self.cfg.label_smoothing)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        with torch.no_grad():
+            n = len(idx)
+            self.sums[0] += loss.detach().double() * n
+            self.sums[1] += (predictions(self.model, logits) == yb).sum()
+            if self.top5:
+                top = logits.topk(5, dim=1).indices
+                self.sums[2] += (top == yb[:, None]).any(1).sum()
+            self.seen += n
+
+    def collect(self, partial):
+        s = self.sums.tolist()
+        out = [partial[0] + s[0], partial[1] + s[1], partial[2] + s[2], partial[3] + self.seen]
+        self.sums.zero_()
+        self.seen = 0
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, x_uint8, y, batch_size=1024):
+        self.net.eval()
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        for i in range(0, len(x_uint8), batch_size):
+            xb = self._batch(self._images(x_uint8[i:i + batch_size]))
+            yb = torch.from_numpy(y[i:i + batch_size]).to(self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                logits = self.net(xb).float()
+            sums[0] += loss_fn(self.cfg.loss, self.model, logits, yb).double() * len(yb)
+            sums[1] += (predictions(self.model, logits) == yb).sum()
+            if self.top5:
+                sums[2] += (logits.topk(5, dim=1).indices == yb[:, None]).any(1).sum()
+        n = max(len(y), 1)
+        s = sums.tolist()
+        out = {"loss": s[0] / n, "accuracy": s[1] / n}
+        if self.top5:
+            out["top5_accuracy"] = s[2] / n
+        return out
+
+    # weights and state ------------------------------------------------------------
+    def export_weights(self):
+        return export_weights(self.net)
+
+    def set_weights(self, weights):
+        self.model.set_weights(weights)
+        load_weights(self.net, self.model)
+
+    def state(self):
+        """(tensors, json) holding weights, optimizer state and RNG, for a checkpoint."""
+        tensors = {f"w.{k}": v for k, v in self.export_weights().items()}
+        sd = self.opt.state_dict()
+        opt_json = {"param_groups": sd["param_groups"], "scalars": {}}
+        for pid, st in sd["state"].items():
+            for key, val in st.items():
+                if torch.is_tensor(val):
+                    tensors[f"opt.{pid}.{key}"] = val.detach().cpu().numpy()
+                else:
+                    opt_json["scalars"][f"{pid}.{key}"] = val
+        tensors["rng.torch"] = torch.get_rng_state().numpy()
+        if self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device).numpy()
+        return tensors, {"optimizer": opt_json, "engine": "torch"}
+
+    def load_state(self, tensors, meta):
+        self.set_weights({k[2:]: v for k, v in tensors.items() if k.startswith("w.")})
+        opt_json = meta["optimizer"]
+        state: dict = {}
+        for k, v in tensors.items():
+            if k.startswith("opt."):
+                _, pid, key = k.split(".", 2)
+                state.setdefault(int(pid), {})[key] = torch.from_numpy(np.array(v))
+        for k, v in opt_json["scalars"].items():
+            pid, key = k.split(".", 1)
+            state.setdefault(int(pid), {})[key] = v
+        self.opt.load_state_dict({"state": state, "param_groups": opt_json["param_groups"]})
+        torch.set_rng_state(torch.from_numpy(np.array(tensors["rng.torch"])))
+        if "rng.cuda" in tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(torch.from_numpy(np.array(tensors["rng.cuda"])), self.device)

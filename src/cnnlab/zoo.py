@@ -1,0 +1,139 @@
+"""The tutorials' architectures by name, each with its recommended training recipe.
+
+    model = zoo.build("lenet")          # a Sequential
+    recipe = zoo.recipe("lenet")        # optimizer, lr, epochs, batch size, augmentation...
+"""
+from __future__ import annotations
+
+from .layers import (Activation, AvgPool2D, BatchNorm, Conv2D, Dense, Dropout, Flatten, Input,
+                     MaxPool2D, ModelError)
+from .model import Sequential
+
+
+def lenet(input_shape=(28, 28, 1), num_classes=10):
+    """The MNIST notebook model: two 3x3 'same' convolutions with pooling, then Dense."""
+    return [Input(input_shape),
+            Conv2D(6, 3, padding="same", activation="relu"), MaxPool2D(),
+            Conv2D(16, 3, padding="same", activation="relu"), MaxPool2D(),
+            Flatten(), Dense(num_classes, activation="softmax")]
+
+
+def lenet5(input_shape=(28, 28, 1), num_classes=10):
+    """LeCun et al. 1998: 5x5 convolutions, average pooling, tanh, 120-84 dense layers.
+    The 28x28 input is padded to 32x32 by the first convolution ('same')."""
+    return [Input(input_shape),
+            Conv2D(6, 5, padding="same", activation="tanh"), AvgPool2D(),
+            Conv2D(16, 5, activation="tanh"), AvgPool2D(),
+            Flatten(), Dense(120, activation="tanh"), Dense(84, activation="tanh"),
+            Dense(num_classes, activation="softmax")]
+
+
+def cifar_basic(input_shape=(32, 32, 3), num_classes=10):
+    """conv32-conv32-pool-conv64-conv64-pool-dense256, all 3x3 'valid' (477,994 params)."""
+    return [Input(input_shape),
+            Conv2D(32, 3), Activation("relu"), Conv2D(32, 3), Activation("relu"),
+            MaxPool2D(), Dropout(0.25),
+            Conv2D(64, 3), Activation("relu"), Conv2D(64, 3), Activation("relu"),
+            MaxPool2D(), Dropout(0.25),
+            Flatten(), Dense(256), Activation("relu"), Dropout(0.5),
+            Dense(num_classes), Activation("softmax")]
+
+
+def cifar_improved(input_shape=(32, 32, 3), num_classes=10):
+    """cifar-basic with two more convolutions (a 128-filter stage) and 'same' padding,
+    trained with augmentation."""
+    return [Input(input_shape),
+            Conv2D(32, 3, padding="same", activation="relu"), Conv2D(32, 3, activation="relu"),
+            MaxPool2D(), Dropout(0.25),
+            Conv2D(64, 3, padding="same", activation="relu"), Conv2D(64, 3, activation="relu"),
+            MaxPool2D(), Dropout(0.25),
+            Conv2D(128, 3, padding="same", activation="relu"), Conv2D(128, 3, activation="relu"),
+            MaxPool2D(), Dropout(0.25),
+            Flatten(), Dense(256, activation="relu"), Dropout(0.5),
+            Dense(num_classes, activation="softmax")]
+
+
+def keras_cifar10(input_shape=(32, 32, 3), num_classes=10):
+    """Keras' examples/cifar10_cnn.py."""
+    return [Input(input_shape),
+            Conv2D(32, 3, padding="same", activation="relu"), Conv2D(32, 3, activation="relu"),
+            MaxPool2D(), Dropout(0.25),
+            Conv2D(64, 3, padding="same", activation="relu"), Conv2D(64, 3, activation="relu"),
+            MaxPool2D(), Dropout(0.25),
+            Flatten(), Dense(512, activation="relu"), Dropout(0.5),
+            Dense(num_classes, activation="softmax")]
+
+
+def cifar_bn(input_shape=(32, 32, 3), num_classes=10):
+    """Pairs of 3x3 'same' convolutions (32, 64, 128), each followed by BatchNorm,
+    pooling after each pair, then Dense 1024 with dropout 0.2."""
+    out = [Input(input_shape)]
+    for f in (32, 64, 128):
+        out += [Conv2D(f, 3, padding="same", activation="relu"), BatchNorm(),
+                Conv2D(f, 3, padding="same", activation="relu"), BatchNorm(), MaxPool2D()]
+    return out + [Flatten(), Dropout(0.2), Dense(1024, activation="relu"), Dropout(0.2),
+                  Dense(num_classes, activation="softmax")]
+
+
+def litecnn(input_shape=(28, 28, 1), num_classes=10):
+    """The drawing app's network: a 'full' convolution, a 'valid' one, pooling, dense."""
+    return [Input(input_shape),
+            Conv2D(32, 3, padding="full", activation="relu"),
+            Conv2D(32, 3, activation="relu"), MaxPool2D(), Dropout(0.25),
+            Flatten(), Dense(128, activation="relu"), Dropout(0.5),
+            Dense(num_classes, activation="softmax")]
+
+
+_FLIP_SHIFT = {"translate": 0.1, "flip": True}
+
+MODELS = {
+    "lenet": (lenet, dict(data="mnist-5k", optimizer="adam", lr=3e-3, schedule="cosine", epochs=15,
+                          batch_size=32,
+                          description="MNIST notebook model, 8,790 params (~98.5% on MNIST)")),
+    "lenet5": (lenet5, dict(data="mnist-5k", optimizer="adam", lr=1e-3, epochs=10, batch_size=64,
+                            description="classic LeNet-5 with tanh and average pooling")),
+    "cifar-basic": (cifar_basic, dict(data="cifar10", optimizer="adam", lr=1e-3, epochs=30,
+                                      batch_size=128, standardize=True,
+                                      description="tutorial CIFAR-10 basic model (~80%)")),
+    "cifar-improved": (cifar_improved, dict(data="cifar10", optimizer="adam", lr=1e-3,
+                                            epochs=50, batch_size=128, standardize=True,
+                                            augment=_FLIP_SHIFT,
+                                            description="two more convolutions + augmentation "
+                                                        "(~85%)")),
+    "keras-cifar10": (keras_cifar10, dict(data="cifar10", optimizer="rmsprop", lr=1e-4,
+                                          epochs=50, batch_size=32, augment=_FLIP_SHIFT,
+                                          description="Keras' cifar10_cnn example")),
+    "cifar-bn": (cifar_bn, dict(data="cifar10", optimizer="adam", lr=1e-3, epochs=30,
+                                batch_size=128, standardize=True, augment=_FLIP_SHIFT,
+                                description="conv 32-32-64-64-128-128 with BatchNorm")),
+    "litecnn": (litecnn, dict(data="mnist-5k", optimizer="adam", lr=1e-3, epochs=10,
+                              batch_size=64, description="drawn characters: 'full' + 'valid' "
+                                                         "convolutions")),
+}
+
+
+def names() -> list[str]:
+    return list(MODELS)
+
+
+def _lookup(name):
+    if name not in MODELS:
+        raise ModelError(f"unknown model {name!r}; the zoo has: {', '.join(MODELS)}")
+    return MODELS[name]
+
+
+def build(name: str, input_shape=None, num_classes=None) -> Sequential:
+    """A fresh zoo model, optionally for another input shape or class count."""
+    fn, _ = _lookup(name)
+    kwargs = {}
+    if input_shape is not None:
+        kwargs["input_shape"] = tuple(input_shape)
+    if num_classes is not None:
+        kwargs["num_classes"] = int(num_classes)
+    return Sequential(fn(**kwargs), name=name)
+
+
+def recipe(name: str) -> dict:
+    """The recommended training settings (a copy)."""
+    _, r = _lookup(name)
+    return {k: (dict(v) if isinstance(v, dict) else v) for k, v in r.items()}
