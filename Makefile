@@ -25,8 +25,7 @@ $(DEMO)/model.safetensors: | $(STAMP)
 
 demo: $(STAMP) $(DEMO)/model.safetensors
 	@$(BIN)/cnnlab summary $(DEMO)
-	@$(BIN)/python -c "import json,sys" -c "" ; \
-	  $(BIN)/cnnlab evaluate $(DEMO) --data mnist-5k | head -n 2
+	@$(BIN)/cnnlab evaluate $(DEMO) --data mnist-5k | head -n 2
 	@if $(BIN)/cnnlab report --help >/dev/null 2>&1; then \
 	  $(BIN)/cnnlab report $(DEMO) --data mnist-5k --out $(DEMO)/report; fi
 	@echo ""

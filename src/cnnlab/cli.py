@@ -48,9 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cnnlab", description="Define, train, inspect and serve CNNs for image "
                                    "classification.",
-        epilog="Run 'cnnlab COMMAND --help' for the options and examples of each command.")
+        epilog="Run 'cnnlab COMMAND --help' for the options and examples of each command.",
+        allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"cnnlab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add = sub.add_parser
+    sub.add_parser = lambda *a, **k: _add(*a, allow_abbrev=False, **k)  # --epoch is no --epochs
     fmt = argparse.RawDescriptionHelpFormatter
 
     t = sub.add_parser("train", help="train a model", epilog=EPILOGS["train"], formatter_class=fmt,

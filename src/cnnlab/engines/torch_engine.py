@@ -150,8 +150,9 @@ def export_weights(net: TorchNet) -> dict[str, np.ndarray]:
     for block in net.blocks:
         for pname in block.layer.trainable_params + block.layer.non_trainable_params:
             t = _torch_param(block, pname).detach().float().cpu().numpy()
-            out[f"{block.layer.name}.{pname}"] = np.ascontiguousarray(
-                _to_keras_layout(block.kind, pname, t))
+            # np.array copies: the result must not alias the live parameter
+            out[f"{block.layer.name}.{pname}"] = np.array(_to_keras_layout(block.kind, pname, t),
+                                                          order="C")
     return out
 
 

@@ -1,0 +1,119 @@
+"""The command line, run the way a user runs it: output, exit codes, clear errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def cnnlab(*args, timeout=300, cwd=None):
+    env = {**os.environ, "PYTHONPATH": SRC}
+    return subprocess.run([sys.executable, "-m", "cnnlab.cli", *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    r = cnnlab("train", "lenet", "--epochs", 2, "--out", out, "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "Epoch 2/2" in r.stdout and "Test accuracy" in r.stdout
+    assert "cnnlab evaluate" in r.stdout          # says what to try next
+    return out
+
+
+def test_help_has_examples_for_every_command():
+    r = cnnlab("--help")
+    assert r.returncode == 0
+    for cmd in ("train", "evaluate", "predict", "summary", "datasets", "zoo"):
+        assert cmd in r.stdout
+        h = cnnlab(cmd, "--help")
+        assert h.returncode == 0 and "examples:" in h.stdout, cmd
+
+
+def test_summary_json_matches_keras_counts():
+    r = cnnlab("summary", "cifar-basic", "--json")
+    d = json.loads(r.stdout)
+    assert d["total_params"] == 477_994 and d["non_trainable_params"] == 0
+    assert d["layers"][0] == {"name": "conv2d", "type": "Conv2D",
+                              "output_shape": [None, 30, 30, 32], "params": 896}
+    r = cnnlab("summary", "lenet")
+    assert "Total params: 8,790" in r.stdout
+
+
+def test_evaluate_json_is_consistent(run_dir):
+    r = cnnlab("evaluate", run_dir, "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    cm = np.array(d["confusion_matrix"])
+    assert cm.sum() == d["images"] == 1000
+    assert abs(np.trace(cm) / cm.sum() - d["accuracy"]) < 1e-9
+    assert len(d["per_class"]) == 10 and {"precision", "recall", "f1"} <= set(d["per_class"][0])
+    text = cnnlab("evaluate", run_dir).stdout
+    assert "Confusion matrix" in text and "precision" in text
+
+
+def test_predict_reports_bad_files_and_predicts_the_rest(run_dir, tmp_path):
+    from cnnlab import datasets
+    ds = datasets.load("mnist-5k")
+    good = tmp_path / "digit.png"
+    Image.fromarray(ds.x_test[0, :, :, 0]).resize((100, 80)).convert("RGB").save(good)
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    r = cnnlab("predict", run_dir, good, bad, "--json")
+    assert r.returncode == 1
+    d = json.loads(r.stdout)
+    assert [p["file"] for p in d["predictions"]] == [str(good)]
+    assert len(d["predictions"][0]["top"]) == 3
+    assert d["errors"][0]["file"] == str(bad)
+    assert "broken.png" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "resnet999"], "not a zoo model"),
+    (["train", "lenet", "--data", "nosuchset"], "nosuchset"),
+    (["train", "lenet", "--augment", "twirl=3"], "twirl"),
+    (["train", "lenet", "--epochs", "0"], "epochs must be >= 1"),
+    (["summary", "missing.safetensors"], "not a zoo model"),
+    (["evaluate", "lenet"], "which dataset"),
+])
+def test_bad_arguments_give_one_clear_error(args, message):
+    r = cnnlab(*args)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert message in r.stderr and r.stderr.startswith("error:")
+    assert "Traceback" not in r.stderr
+
+
+def test_unknown_option_is_a_usage_error():
+    r = cnnlab("train", "lenet", "--epoch", "3")
+    assert r.returncode == 2 and "unrecognized arguments" in r.stderr
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": SRC}
+    p = subprocess.Popen([sys.executable, "-m", "cnnlab.cli", "train", "lenet", "--epochs", "50",
+                          "--out", str(out), "--quiet"], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (out / "checkpoint.safetensors").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.3)
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 130, stderr
+    assert f"resume with: cnnlab train --resume {out}" in stderr
+    assert "Traceback" not in stderr
+    from cnnlab.fileformat import load, unpack
+    _, meta = unpack(out / "checkpoint.safetensors")
+    assert meta["trainer"]["epoch"] >= 1
+    assert load(out / "model.safetensors").count_params()[0] == 8790

@@ -1,0 +1,170 @@
+"""Training with the PyTorch engine: accuracy rises, resume is exact, checkpoints are safe."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from cnnlab import datasets, zoo
+from cnnlab.fileformat import load, unpack
+from cnnlab.train import TrainConfig, TrainingError, TrainingInterrupted, fit, resume_run, scheduled_lr
+
+
+@pytest.fixture(scope="module")
+def mnist5k():
+    return datasets.load("mnist-5k")
+
+
+def small(ds, n=600):
+    """A small slice of mnist-5k with the test split kept, for fast loops."""
+    perm = np.random.default_rng(0).permutation(len(ds.x_train))[:n]
+    return datasets.Dataset(ds.name, ds.x_train[perm], ds.y_train[perm], ds.x_test[:200],
+                            ds.y_test[:200], ds.class_names, ds.source)
+
+
+def test_lenet_reaches_95_percent_on_mnist5k(mnist5k, tmp_path):
+    model = zoo.build("lenet")
+    recipe = {k: v for k, v in zoo.recipe("lenet").items() if k not in ("description", "data")}
+    history = fit(model, mnist5k, out=str(tmp_path / "run"), verbose=0, **recipe)
+    assert history[0]["accuracy"] < history[-1]["accuracy"]
+    assert history[-1]["val_accuracy"] >= 0.95
+    saved = load(tmp_path / "run")
+    assert saved.meta["training"]["test_accuracy"] >= 0.95
+    assert saved.meta["class_names"] == [str(i) for i in range(10)]
+    rows = (tmp_path / "run" / "history.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,loss,accuracy") and len(rows) == len(history) + 1
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["train"]["lr"] == recipe["lr"] and cfg["model"] == model.get_config()
+
+
+def test_same_seed_same_history(mnist5k):
+    ds = small(mnist5k)
+    h1 = fit(zoo.build("lenet"), ds, epochs=2, seed=7, verbose=0)
+    h2 = fit(zoo.build("lenet"), ds, epochs=2, seed=7, verbose=0)
+    h3 = fit(zoo.build("lenet"), ds, epochs=2, seed=8, verbose=0)
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]
+    assert strip(h1) == strip(h2)
+    assert strip(h1) != strip(h3)
+
+
+class Interrupt:
+    """Raise KeyboardInterrupt at the n-th training step, like Ctrl-C."""
+    def __init__(self, at):
+        self.at, self.count = at, 0
+
+    def wrap(self, step):
+        def train_step(idx, seed):
+            self.count += 1
+            if self.count == self.at:
+                raise KeyboardInterrupt
+            return step(idx, seed)
+        return train_step
+
+
+@pytest.mark.parametrize("opt", [dict(optimizer="adam"),
+                                 dict(optimizer="sgd", momentum=0.9, nesterov=True,
+                                      schedule="onecycle", augment={"translate": 2, "flip": True}),
+                                 dict(optimizer="rmsprop", schedule="cosine")])
+def test_resume_after_ctrl_c_equals_uninterrupted(mnist5k, tmp_path, monkeypatch, opt):
+    ds = small(mnist5k, 400)
+    # cifar-bn-like pieces (dropout, batchnorm) make RNG and running stats matter
+    from cnnlab.layers import BatchNorm, Conv2D, Dense, Dropout, Flatten, Input, MaxPool2D
+    from cnnlab.model import Sequential
+    def net():
+        return Sequential([Input((28, 28, 1)), Conv2D(4, 3, activation="relu"), BatchNorm(),
+                           MaxPool2D(), Flatten(), Dropout(0.3), Dense(10, activation="softmax")])
+    common = dict(epochs=3, batch_size=64, seed=3, verbose=0, data="mnist-5k", **opt)
+    ref = net()
+    fit(ref, ds, **common)
+
+    from cnnlab.engines import torch_train
+    real_init = torch_train.TorchBackend.__init__
+    stopper = Interrupt(at=10)          # step 10 = epoch 2, step 3 (7 steps per epoch)
+    def init(self, *a, **k):
+        real_init(self, *a, **k)
+        self.train_step = stopper.wrap(self.train_step)
+    monkeypatch.setattr(torch_train.TorchBackend, "__init__", init)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted, match=f"resume with: cnnlab train --resume {run}"):
+        fit(net(), ds, out=str(run), **common)
+    monkeypatch.setattr(torch_train.TorchBackend, "__init__", real_init)
+    _, meta = unpack(run / "checkpoint.safetensors")
+    assert (meta["trainer"]["epoch"], meta["trainer"]["step_in_epoch"]) == (1, 2)
+    assert (run / "model.safetensors").exists()     # the work so far is usable
+    # resume_run reloads mnist-5k by name: restrict it to the same slice
+    monkeypatch.setattr(datasets, "load", lambda *a, **k: ds)
+    resumed = net()
+    hist = resume_run(run, model=resumed)
+    assert len(hist) == 3
+    for k in ref.weights:
+        np.testing.assert_array_equal(resumed.weights[k], ref.weights[k], err_msg=k)
+
+
+def test_early_stopping_restores_best_weights(mnist5k):
+    ds = small(mnist5k, 300)
+    model = zoo.build("lenet")
+    # min_delta so large that nothing after the first epoch counts as better
+    h = fit(model, ds, epochs=10, lr=1e-3, verbose=0,
+            early_stopping={"monitor": "val_loss", "patience": 2, "min_delta": 100.0})
+    assert len(h) == 3
+    best = fit(zoo.build("lenet"), ds, epochs=1, lr=1e-3, verbose=0)
+    assert best[0]["val_loss"] == h[0]["val_loss"]
+    from cnnlab.evaluate import evaluate
+    res = evaluate(model, (ds.x_test, ds.y_test))
+    assert abs(res["loss"] - h[0]["val_loss"]) < 1e-4     # weights of epoch 1 are back
+
+
+def test_interrupted_checkpoint_write_keeps_previous_checkpoint(mnist5k, tmp_path, monkeypatch):
+    ds = small(mnist5k, 200)
+    run = tmp_path / "run"
+    fit(zoo.build("lenet"), ds, epochs=1, out=str(run), verbose=0)
+    before = (run / "checkpoint.safetensors").read_bytes()
+    real_replace = os.replace
+    def crash(src, dst):
+        if str(dst).endswith("checkpoint.safetensors"):
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        fit(zoo.build("lenet"), ds, epochs=1, seed=5, out=str(run), verbose=0)
+    assert (run / "checkpoint.safetensors").read_bytes() == before
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+    _, meta = unpack(run / "checkpoint.safetensors")
+    assert meta["trainer"]["epoch"] == 1
+
+
+def test_schedules():
+    cfg = TrainConfig(lr=0.1, schedule="step", step_size=2, gamma=0.5)
+    assert [scheduled_lr(cfg, 0, 100, e) for e in range(5)] == [0.1, 0.1, 0.05, 0.05, 0.025]
+    cfg = TrainConfig(lr=0.1, schedule="cosine")
+    assert scheduled_lr(cfg, 0, 100, 0) == 0.1 and abs(scheduled_lr(cfg, 50, 100, 0) - 0.05) < 1e-12
+    cfg = TrainConfig(lr=0.1, schedule="onecycle", warmup=0.3)
+    lrs = [scheduled_lr(cfg, s, 100, 0) for s in range(100)]
+    assert abs(lrs[0] - 0.004) < 1e-12 and max(lrs) == lrs[30] == 0.1 and lrs[-1] < 0.001
+    cfg = TrainConfig(lr=0.1, schedule="plateau")
+    assert scheduled_lr(cfg, 5, 10, 0, plateau_factor=0.1) == pytest.approx(0.01)
+
+
+def test_bad_settings_are_rejected_with_allowed_values(mnist5k):
+    with pytest.raises(TrainingError, match="unknown optimizer 'adamm'; allowed: sgd, adam"):
+        fit(zoo.build("lenet"), mnist5k, optimizer="adamm", verbose=0)
+    with pytest.raises(TrainingError, match="unknown training option"):
+        fit(zoo.build("lenet"), mnist5k, epoch=3, verbose=0)
+    with pytest.raises(TrainingError, match="images are 28x28x1 but the model expects 32x32x3"):
+        fit(zoo.build("cifar-basic"), mnist5k, verbose=0)
+    with pytest.raises(TrainingError, match="binary_crossentropy needs a 1-unit sigmoid"):
+        fit(zoo.build("lenet"), mnist5k, loss="binary_crossentropy", verbose=0)
+
+
+def test_binary_and_mse_losses_learn(mnist5k):
+    from cnnlab.layers import Dense, Flatten, Input, MaxPool2D
+    from cnnlab.model import Sequential
+    ds = mnist5k
+    keep = ds.y_train < 2
+    x, y = ds.x_train[keep], ds.y_train[keep]
+    m = Sequential([Input((28, 28, 1)), MaxPool2D(4), Flatten(), Dense(1, activation="sigmoid")])
+    h = fit(m, (x, y), epochs=5, lr=1e-2, loss="binary_crossentropy", val_split=0.2, verbose=0)
+    assert h[-1]["val_accuracy"] > 0.95
+    m = Sequential([Input((28, 28, 1)), MaxPool2D(2), Flatten(), Dense(10, activation="softmax")])
+    h = fit(m, small(ds, 1000), epochs=3, loss="mse", lr=3e-3, verbose=0)
+    assert h[-1]["val_accuracy"] > h[0]["val_accuracy"] - 0.02 and h[-1]["val_accuracy"] > 0.7
