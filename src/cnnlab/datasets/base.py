@@ -1,0 +1,50 @@
+"""The Dataset container and the one error type of `cnnlab.datasets`."""
+from __future__ import annotations
+
+import numpy as np
+
+
+class DatasetError(Exception):
+    """A data problem the user can fix; the message says what and where."""
+
+
+class DatasetWarning(UserWarning):
+    """Something was skipped while loading (for example an unreadable image)."""
+
+
+class Dataset:
+    """A train/test split of images and integer labels.
+
+    x_train, x_test: uint8 (N, H, W, C), channels-last, C = 1 (grey) or 3 (RGB).
+    y_train, y_test: int64 (N,), values in 0..num_classes-1.
+    class_names: one name per label; source: the file or folder it came from.
+    """
+
+    def __init__(self, name, x_train, y_train, x_test, y_test, class_names, source):
+        self.name = str(name)
+        self.x_train = x_train
+        self.y_train = y_train
+        self.x_test = x_test
+        self.y_test = y_test
+        self.class_names = [str(c) for c in class_names]
+        self.source = str(source)
+        for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
+            if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
+                raise ValueError(f"x_{split} must be uint8 (N, H, W, 1|3), got {x.dtype} {x.shape}")
+            if y.dtype != np.int64 or y.shape != (x.shape[0],):
+                raise ValueError(f"y_{split} must be int64 ({x.shape[0]},), got {y.dtype} {y.shape}")
+        if x_train.shape[1:] != x_test.shape[1:]:
+            raise ValueError(f"train and test shapes differ: {x_train.shape[1:]} vs {x_test.shape[1:]}")
+
+    @property
+    def input_shape(self) -> tuple:
+        """(H, W, C) of one image."""
+        return tuple(int(d) for d in self.x_train.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __repr__(self):
+        return (f"Dataset({self.name!r}, train={len(self.y_train)}, test={len(self.y_test)}, "
+                f"input_shape={self.input_shape}, classes={self.num_classes}, source={self.source!r})")
