@@ -34,8 +34,9 @@ def loss_fn(name, model, logits, y, label_smoothing=0.0):
     """Mean loss over the batch, from logits (the final softmax/sigmoid is fused in)."""
     if name in ("categorical_crossentropy", "sparse_categorical_crossentropy"):
         return F.cross_entropy(logits, y, label_smoothing=label_smoothing)
-    if name == "binary_crossentropy":
-        return F.binary_cross_entropy_with_logits(logits[:, 0], y.to(logits.dtype))
+    if name == "binary_crossentropy":  # Keras-style smoothing: t = y (1 - ls) + ls / 2
+        t = y.to(logits.dtype) * (1 - label_smoothing) + label_smoothing / 2
+        return F.binary_cross_entropy_with_logits(logits[:, 0], t)
     if name == "mse":  # squared error between probabilities and one-hot targets
         probs = torch.softmax(logits, dim=1)
         return F.mse_loss(probs, F.one_hot(y, probs.shape[1]).to(probs.dtype))

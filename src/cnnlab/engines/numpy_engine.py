@@ -1,0 +1,181 @@
+"""The NumPy engine: runs a Sequential layer by layer with the ops of numpy_ops.
+
+The engine only walks the layers; every forward and backward formula lives in
+numpy_ops. Images are NHWC float arrays, already preprocessed. Weights are read from
+model.weights (Keras layouts) at each call, so the engine always sees the current ones.
+
+The network's output is the logits: the final softmax/sigmoid (the one at
+model.final_activation_index) is left out of forward() and of the training loss,
+which is computed on the logits for numerical stability.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import numpy_ops as ops
+
+
+class NumpyEngine:
+    """forward, predict_proba, activations, loss_and_grads and vjp on a Sequential.
+
+    dtype: the float type of the computation (float32 for speed, float64 for gradient
+    checks). Dropout draws its masks from self.rng.
+    """
+    name = "numpy"
+
+    def __init__(self, model, dtype=np.float32, seed: int = 0):
+        self.model = model
+        self.dtype = np.dtype(dtype)
+        self.rng = np.random.default_rng(seed)
+
+    # weights ----------------------------------------------------------------------
+    def _param(self, layer, pname):
+        arr = self.model.weights.get(f"{layer.name}.{pname}")
+        return None if arr is None else arr.astype(self.dtype, copy=False)
+
+    def _input(self, x):
+        x = np.asarray(x, dtype=self.dtype)
+        if x.shape[1:] != tuple(self.model.input_shape):
+            raise ValueError(f"input batch of shape {x.shape} does not fit the model's input "
+                             f"{tuple(self.model.input_shape)} (expected (N, H, W, C))")
+        return x
+
+    # one layer ----------------------------------------------------------------------
+    def _forward(self, i, x, training=False, activation=True):
+        """Layer i on x; returns (output, cache). activation=False leaves its activation out."""
+        layer = self.model.layers[i]
+        kind, p = layer.type, (lambda name: self._param(layer, name))
+        if kind == "Conv2D":
+            h, cache = ops.conv2d_forward(x, p("kernel"), p("bias"), layer.strides, layer.padding)
+        elif kind == "Dense":
+            h, cache = ops.dense_forward(x, p("kernel"), p("bias"))
+        elif kind == "MaxPool2D":
+            h, cache = ops.maxpool_forward(x, layer.pool_size, layer.strides, layer.padding)
+        elif kind == "AvgPool2D":
+            h, cache = ops.avgpool_forward(x, layer.pool_size, layer.strides, layer.padding)
+        elif kind == "GlobalAvgPool2D":
+            h, cache = ops.global_avgpool_forward(x)
+        elif kind == "GlobalMaxPool2D":
+            h, cache = ops.global_maxpool_forward(x)
+        elif kind == "Flatten":
+            h, cache = ops.flatten_forward(x)
+        elif kind == "Dropout":
+            h, cache = ops.dropout_forward(x, layer.rate, training, self.rng)
+        elif kind == "BatchNorm":
+            w = self.model.weights  # moving statistics are updated in place in training
+            h, cache = ops.batchnorm_forward(
+                x, p("gamma"), p("beta"), w[f"{layer.name}.moving_mean"],
+                w[f"{layer.name}.moving_variance"], layer.epsilon, layer.momentum, training)
+        elif kind == "Activation":
+            h, cache = x, None
+        else:
+            raise ValueError(f"the NumPy engine cannot run a {kind} layer")
+        act = getattr(layer, "activation", "linear") if activation else "linear"
+        act_cache = None
+        if act != "linear":
+            h, act_cache = ops.activation_forward(h, act)
+        return h, (cache, act_cache)
+
+    def _backward(self, i, dout, caches, need_dx=True):
+        """Back through layer i: returns (dx, {param name: grad})."""
+        layer = self.model.layers[i]
+        cache, act_cache = caches
+        if act_cache is not None:
+            dout = ops.activation_backward(dout, act_cache)
+        kind, grads = layer.type, {}
+        if kind in ("Conv2D", "Dense"):
+            backward = ops.conv2d_backward if kind == "Conv2D" else ops.dense_backward
+            dx, grads["kernel"], db = backward(dout, cache, need_dx)
+            if db is not None:
+                grads["bias"] = db
+        elif kind == "BatchNorm":
+            dx, grads["gamma"], grads["beta"] = ops.batchnorm_backward(dout, cache)
+        else:
+            dx = {"MaxPool2D": ops.maxpool_backward, "AvgPool2D": ops.avgpool_backward,
+                  "GlobalAvgPool2D": ops.global_avgpool_backward,
+                  "GlobalMaxPool2D": ops.global_maxpool_backward,
+                  "Flatten": ops.flatten_backward, "Dropout": ops.dropout_backward,
+                  "Activation": lambda d, c: d}[kind](dout, cache)
+        return dx, {f"{layer.name}.{k}": g for k, g in grads.items()}
+
+    def _run(self, x, upto, training, activations):
+        """Forward through layers 0..upto; activations(i) says whether layer i applies
+        its activation. Returns (output, caches)."""
+        h, caches = self._input(x), []
+        for i in range(upto + 1):
+            h, cache = self._forward(i, h, training, activations(i))
+            caches.append(cache)
+        return h, caches
+
+    def _logits_mask(self):
+        final = self.model.final_activation_index
+        return lambda i: i != final
+
+    # public API ---------------------------------------------------------------------
+    def forward(self, x, training=False):
+        """The logits (N, K): the network without its final softmax/sigmoid."""
+        out, _ = self._run(x, len(self.model.layers) - 1, training, self._logits_mask())
+        return out
+
+    def predict_proba(self, x, batch_size=256):
+        """Class probabilities (N, classes): softmax of the logits (also for a linear
+        output); sigmoid for a sigmoid output, as [1 - p, p] for a single unit."""
+        outs = [self._probabilities(self.forward(x[i:i + batch_size]))
+                for i in range(0, len(x), batch_size)]
+        return np.concatenate(outs) if outs else \
+            np.zeros((0, self.model.num_classes), dtype=self.dtype)
+
+    def _probabilities(self, z):
+        if self.model.output_activation == "sigmoid":
+            p = ops.sigmoid(z)
+            return np.concatenate([1 - p, p], axis=1) if p.shape[1] == 1 else p
+        return ops.softmax(z)
+
+    def activations(self, x):
+        """[(layer name, output)] for every layer at inference, after its activation
+        (the last one gives the probabilities)."""
+        h, out = self._input(x), []
+        for i, layer in enumerate(self.model.layers):
+            h, _ = self._forward(i, h)
+            out.append((layer.name, h))
+        return out
+
+    def loss_and_grads(self, x, y, loss="categorical_crossentropy", label_smoothing=0.0):
+        """Training-mode forward and backward on one batch.
+
+        BatchNorm normalizes with the batch statistics and updates its moving statistics
+        in model.weights; Dropout draws masks from self.rng. y: integer labels (N,)
+        (or one-hot rows). Returns (loss, logits, grads) with grads
+        {"<layer>.<param>": array} for every trainable parameter, in Keras layout.
+        """
+        n = len(self.model.layers)
+        logits, caches = self._run(x, n - 1, True, self._logits_mask())
+        value, g = ops.loss_on_logits(loss, logits, y, self.model.output_activation,
+                                      label_smoothing)
+        grads = {}
+        for i in range(n - 1, -1, -1):
+            g, layer_grads = self._backward(i, g, caches[i], need_dx=i > 0)
+            grads.update(layer_grads)
+        return value, logits, grads
+
+    def vjp(self, x, out_layer: int, seed, wrt_layer: int | None = None,
+            pre_activation=False):
+        """Vector-Jacobian product at inference.
+
+        Runs layers 0..out_layer (-1 = the last), all with their activations except layer
+        out_layer itself when pre_activation (e.g. the class logits), giving `out`; then
+        returns (out, d sum(out * seed) / d z), z the input image (wrt_layer None) or
+        the output of layer wrt_layer (after its activation).
+        """
+        n = len(self.model.layers)
+        out_layer = out_layer % n
+        stop = -1 if wrt_layer is None else wrt_layer % n
+        if stop > out_layer:
+            raise ValueError(f"wrt_layer {wrt_layer} comes after out_layer {out_layer}")
+        out, caches = self._run(x, out_layer, False,
+                                lambda i: not (pre_activation and i == out_layer))
+        g = np.asarray(seed, dtype=self.dtype)
+        for i in range(out_layer, stop, -1):
+            g, _ = self._backward(i, g, caches[i])
+        return out, g
+

@@ -1,0 +1,137 @@
+"""One training step with the NumPy engine, for the loop in `cnnlab.train`.
+
+The optimizer updates model.weights in place; the engine reads them at every call.
+Dropout masks come from the engine's NumPy generator, reseeded every epoch, so a
+resumed run is exact here too.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..preprocess import apply
+from . import numpy_ops as ops
+from .numpy_engine import NumpyEngine
+from .numpy_optim import make_optimizer
+
+
+def optimizer_options(cfg) -> dict:
+    """The training config's optimizer settings, as both engines read them."""
+    if cfg.optimizer == "sgd":
+        return {"momentum": cfg.momentum, "nesterov": cfg.nesterov,
+                "weight_decay": cfg.weight_decay}
+    if cfg.optimizer == "adamw":
+        return {"weight_decay": cfg.weight_decay or 0.01}
+    if cfg.optimizer == "rmsprop":
+        return {"momentum": cfg.momentum, "weight_decay": cfg.weight_decay}
+    return {"weight_decay": cfg.weight_decay}
+
+
+class NumpyBackend:
+    name = "numpy"
+    device_info = "NumPy, float32"
+
+    def __init__(self, model, cfg, data):
+        self.model, self.cfg = model, cfg
+        self.engine = NumpyEngine(model)
+        trainable = set(model.trainable_names())
+        self.params = {k: v for k, v in model.weights.items() if k in trainable}
+        self.opt = make_optimizer(cfg.optimizer, self.params, cfg.lr, **optimizer_options(cfg))
+        self.x, self.y, self.prep = data.x_train, data.y_train, data.preprocessing
+        self.sums = [0.0, 0.0, 0.0, 0]
+        self.top5 = model.num_classes > 5
+
+    @property
+    def lr(self):
+        return self.opt.lr
+
+    def set_lr(self, lr):
+        self.opt.lr = lr
+
+    def seed_epoch(self, seed):
+        self.engine.rng = np.random.default_rng(seed)
+
+    def _augment(self, xb, seed):
+        import torch  # augmentation is written as tensor operations
+        from ..augment import augment
+        t = torch.from_numpy(xb).permute(0, 3, 1, 2)
+        t = augment(t, self.cfg.augment, torch.Generator().manual_seed(seed))
+        return np.ascontiguousarray(t.permute(0, 2, 3, 1).numpy())
+
+    def train_step(self, idx, seed):
+        xb, yb = apply(self.prep, self.x[idx]), self.y[idx]
+        if self.cfg.augment:
+            xb = self._augment(xb, seed)
+        loss, logits, grads = self.engine.loss_and_grads(xb, yb, self.cfg.loss,
+                                                         self.cfg.label_smoothing)
+        self.opt.step(grads)
+        self._count(self.sums, loss, logits, yb)
+
+    def _count(self, sums, loss, logits, y):
+        n = len(y)
+        sums[0] += float(loss) * n
+        sums[1] += int((self._predictions(logits) == y).sum())
+        if self.top5:
+            top = np.argpartition(-logits, 5, axis=1)[:, :5]
+            sums[2] += int((top == y[:, None]).any(1).sum())
+        sums[3] += n
+
+    def _predictions(self, logits):
+        if logits.shape[1] == 1 and self.model.output_activation == "sigmoid":
+            return (logits[:, 0] > 0).astype(np.int64)
+        return logits.argmax(1)
+
+    def collect(self, partial):
+        out = [p + s for p, s in zip(partial, self.sums)]
+        self.sums = [0.0, 0.0, 0.0, 0]
+        return out
+
+    def evaluate(self, x_uint8, y, batch_size=512):
+        sums = [0.0, 0.0, 0.0, 0]
+        for i in range(0, len(y), batch_size):
+            logits = self.engine.forward(apply(self.prep, x_uint8[i:i + batch_size]))
+            yb = y[i:i + batch_size]
+            loss, _ = ops.loss_on_logits(self.cfg.loss, logits, yb, self.model.output_activation)
+            self._count(sums, loss, logits, yb)
+        n = max(sums[3], 1)
+        out = {"loss": sums[0] / n, "accuracy": sums[1] / n}
+        if self.top5:
+            out["top5_accuracy"] = sums[2] / n
+        return out
+
+    # weights and state ----------------------------------------------------------
+    def export_weights(self):
+        return {k: v.copy() for k, v in self.model.weights.items()}
+
+    def set_weights(self, weights):
+        for k, v in weights.items():   # in place: the optimizer holds these arrays
+            self.model.weights[k][...] = v
+
+    def state(self):
+        arrays, opt_meta = self.opt.state_dict()
+        tensors = {f"w.{k}": v.copy() for k, v in self.model.weights.items()}
+        tensors.update({f"opt.{k}": v for k, v in arrays.items()})
+        rng = self.engine.rng.bit_generator.state
+        return tensors, {"optimizer": opt_meta, "engine": "numpy", "rng": _rng_json(rng)}
+
+    def load_state(self, tensors, meta):
+        if meta.get("engine") != "numpy":
+            raise ValueError("this checkpoint was written by the torch engine; resume it "
+                             "with --engine torch")
+        self.set_weights({k[2:]: v for k, v in tensors.items() if k.startswith("w.")})
+        self.opt.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("opt.")},
+                                 meta["optimizer"])
+        self.engine.rng = np.random.default_rng()
+        self.engine.rng.bit_generator.state = _rng_from_json(meta["rng"])
+
+
+def _rng_json(state: dict) -> dict:
+    """PCG64 state as JSON (its 128-bit integers as strings)."""
+    return {"bit_generator": state["bit_generator"],
+            "state": {k: str(v) for k, v in state["state"].items()},
+            "has_uint32": state["has_uint32"], "uinteger": state["uinteger"]}
+
+
+def _rng_from_json(d: dict) -> dict:
+    return {"bit_generator": d["bit_generator"],
+            "state": {k: int(v) for k, v in d["state"].items()},
+            "has_uint32": d["has_uint32"], "uinteger": d["uinteger"]}

@@ -1,0 +1,57 @@
+"""The NumPy engine, the model file, the datasets and prediction never import torch.
+
+`make test` also runs this file in a second virtual environment without PyTorch.
+"""
+import importlib.util
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+SCRIPT = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import cnnlab
+    from cnnlab import datasets, zoo
+    from cnnlab.engines import get_engine
+    from cnnlab.evaluate import evaluate
+    from cnnlab.train import fit
+
+    ds = datasets.load("mnist-5k")
+    model = zoo.build("lenet")
+    x, y = ds.x_train[:256], ds.y_train[:256]
+    hist = fit(model, (x, y), epochs=2, engine="numpy", lr=3e-3, verbose=0)
+    path = model.save(sys.argv[1])
+    again = cnnlab.load(path)
+    probs = again.predict(ds.x_test[:20], engine="numpy")
+    assert probs.shape == (20, 10) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    res = evaluate(again, "mnist-5k", engine="numpy")
+    imported = "torch" in sys.modules
+    assert get_engine(again, "auto").name in ("numpy", "torch")
+    print(json.dumps({"torch_imported": imported,
+                      "loss": [h["loss"] for h in hist], "accuracy": res["accuracy"]}))
+""")
+
+
+def test_numpy_paths_do_not_import_torch(tmp_path):
+    import json
+    import os
+    env = {**os.environ, "PYTHONPATH": SRC}
+    r = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "m.safetensors")],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["torch_imported"] is False
+    assert out["loss"][1] < out["loss"][0]           # it learns
+    assert out["accuracy"] > 0.5
+
+
+def test_this_environment():
+    """Says which kind of environment ran the file (torch or not), and that cnnlab imports."""
+    import cnnlab
+    from cnnlab.engines import get_engine, torch_available
+    assert torch_available() == (importlib.util.find_spec("torch") is not None)
+    model = cnnlab.zoo.build("litecnn")
+    assert get_engine(model, "auto").name == ("torch" if torch_available() else "numpy")

@@ -1,0 +1,387 @@
+"""numpy_ops: numerical gradient checks (float64) and parity with PyTorch."""
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cnnlab.engines import numpy_ops as ops
+
+PADDINGS = ["valid", "same", "full", 1, (2, 0)]
+STRIDES = [1, 2, (2, 1)]
+
+
+def rand(*shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape)
+
+
+def numerical_grad(f, x, eps=1e-6):
+    """Central differences of the scalar f() with respect to each entry of x (in place)."""
+    g = np.zeros_like(x)
+    for idx in np.ndindex(x.shape):
+        old = x[idx]
+        x[idx] = old + eps
+        fp = f()
+        x[idx] = old - eps
+        fm = f()
+        x[idx] = old
+        g[idx] = (fp - fm) / (2 * eps)
+    return g
+
+
+def assert_close(a, b, rtol=1e-6, atol=1e-8):
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
+
+
+def check_grads(forward, backward, inputs, seed=1):
+    """forward(*inputs) -> (out, cache); backward(dout, cache) -> grads (one per input or a
+    tuple). Compares against central differences of L = sum(out * r)."""
+    out, cache = forward(*inputs)
+    r = rand(*out.shape, seed=seed)
+    grads = backward(r, cache)
+    grads = grads if isinstance(grads, tuple) else (grads,)
+    for x, g in zip(inputs, grads):
+        if g is None:
+            continue
+        num = numerical_grad(lambda: float((forward(*inputs)[0] * r).sum()), x)
+        assert_close(g, num)
+
+
+def nchw(x):
+    return torch.tensor(x).permute(0, 3, 1, 2)
+
+
+def nhwc(t):
+    return t.detach().permute(0, 2, 3, 1).numpy()
+
+
+def torch_pad(pads):
+    (t, b), (l, r) = pads
+    return (l, r, t, b)
+
+
+# activations -----------------------------------------------------------------------------
+ACTS = ["linear", "relu", "leaky_relu", "elu", "gelu", "sigmoid", "tanh", "softplus",
+        "softmax"]
+TORCH_ACTS = {
+    "linear": lambda t: t, "relu": F.relu, "leaky_relu": lambda t: F.leaky_relu(t, 0.2),
+    "elu": F.elu, "gelu": F.gelu, "sigmoid": torch.sigmoid, "tanh": torch.tanh,
+    "softplus": F.softplus, "softmax": lambda t: torch.softmax(t, -1)}
+
+
+@pytest.mark.parametrize("name", ACTS)
+def test_activation_gradcheck(name):
+    x = rand(3, 2, 2, 4) * 2
+    check_grads(lambda x: ops.activation_forward(x, name), ops.activation_backward, [x])
+
+
+@pytest.mark.parametrize("name", ACTS)
+def test_activation_matches_torch(name):
+    x = rand(4, 3, 3, 5) * 3
+    r = rand(*x.shape, seed=2)
+    y, cache = ops.activation_forward(x, name)
+    xt = torch.tensor(x, requires_grad=True)
+    yt = TORCH_ACTS[name](xt)
+    (yt * torch.tensor(r)).sum().backward()
+    assert_close(y, yt.detach().numpy(), rtol=1e-10, atol=1e-12)
+    assert_close(ops.activation_backward(r, cache), xt.grad.numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_leaky_relu_slope_is_keras_default():
+    y, _ = ops.activation_forward(np.array([-1.0, 2.0]), "leaky_relu")
+    assert y.tolist() == [-0.2, 2.0]
+
+
+def test_erfc_accuracy():
+    xs = np.linspace(-6, 9, 3001)
+    ref = np.array([math.erfc(v) for v in xs])
+    assert_close(ops.erfc(xs), ref, rtol=1e-12, atol=0)
+    assert_close(ops.erfc(xs.astype(np.float32)), ref, rtol=0, atol=5e-7)
+
+
+def test_extreme_inputs_are_stable():
+    x = np.array([-1e4, -100.0, 0.0, 100.0, 1e4], dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for name in ACTS:
+            y, cache = ops.activation_forward(x, name)
+            dx = ops.activation_backward(np.ones_like(x), cache)
+            assert np.isfinite(y).all() and np.isfinite(dx).all(), name
+    assert_close(ops.sigmoid(x), [0, 0, 0.5, 1, 1], atol=1e-30)
+    assert_close(ops.softplus(x), [0, 3.7200760e-44, math.log(2), 100, 1e4], rtol=1e-6)
+
+
+# convolution -------------------------------------------------------------------------------
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("stride", STRIDES)
+def test_conv_gradcheck(padding, stride):
+    x, w, b = rand(2, 5, 6, 2), rand(3, 2, 2, 3, seed=1), rand(3, seed=2)
+    check_grads(lambda x, w, b: ops.conv2d_forward(x, w, b, stride, padding),
+                ops.conv2d_backward, [x, w, b])
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("stride", STRIDES)
+def test_three_conv_algorithms_agree(padding, stride):
+    x, w, b = rand(2, 7, 6, 3), rand(3, 2, 3, 4, seed=1), rand(4, seed=2)
+    ref = ops.conv2d_direct(x, w, b, stride, padding)
+    out, cache = ops.conv2d_forward(x, w, b, stride, padding)
+    assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    assert_close(ops.conv2d_fft(x, w, b, stride, padding), ref, rtol=1e-10, atol=1e-12)
+    dout = rand(*out.shape, seed=3)
+    for got, want in zip(ops.conv2d_backward(dout, cache),
+                         ops.conv2d_direct_backward(dout, x, w, stride, padding)):
+        assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-10), (np.float32, 1e-4)])
+@pytest.mark.parametrize("padding,stride", [("valid", 1), ("same", 1), ("same", 2),
+                                            ("full", 1), ((1, 2), (2, 1)), ("valid", 3)])
+def test_conv_matches_torch(padding, stride, dtype, tol):
+    x, w, b = (a.astype(dtype) for a in (rand(3, 9, 8, 4), rand(3, 3, 4, 5, seed=1),
+                                         rand(5, seed=2)))
+    out, cache = ops.conv2d_forward(x, w, b, stride, padding)
+    dout = rand(*out.shape, seed=3).astype(dtype)
+    dx, dw, db = ops.conv2d_backward(dout, cache)
+    pads = ops.resolve_pads(9, 8, (3, 3), ops._pair(stride), padding)
+    xt, wt = nchw(x).requires_grad_(), torch.tensor(w.transpose(3, 2, 0, 1)).requires_grad_()
+    bt = torch.tensor(b, requires_grad=True)
+    yt = F.conv2d(F.pad(xt, torch_pad(pads)), wt, bt, stride=stride)
+    (yt * nchw(dout)).sum().backward()
+    scale = lambda a: np.abs(a).max()  # noqa: E731
+    for got, want in [(out, nhwc(yt)), (dx, nhwc(xt.grad)),
+                      (dw, wt.grad.numpy().transpose(2, 3, 1, 0)), (db, bt.grad.numpy())]:
+        assert got.dtype == dtype
+        assert_close(got / scale(want), want / scale(want), rtol=0, atol=tol)
+
+
+def test_keras_same_stride2_is_torch_pad_bottom_right():
+    x, w = rand(2, 28, 28, 3), rand(3, 3, 3, 4, seed=1)
+    out, _ = ops.conv2d_forward(x, w, None, 2, "same")
+    ref = F.conv2d(F.pad(nchw(x), (0, 1, 0, 1)), torch.tensor(w.transpose(3, 2, 0, 1)),
+                   stride=2)
+    assert out.shape == (2, 14, 14, 4)
+    assert_close(out, nhwc(ref), rtol=1e-10, atol=1e-12)
+
+
+# pooling -----------------------------------------------------------------------------------
+POOLS = [(2, None, "valid"), (2, None, "same"), (3, 2, "valid"), (3, 2, "same"),
+         ((2, 3), (1, 2), "same"), (3, 1, "same")]
+
+
+@pytest.mark.parametrize("pool,stride,padding", POOLS)
+@pytest.mark.parametrize("kind", ["max", "avg"])
+def test_pool_gradcheck(kind, pool, stride, padding):
+    x = rand(2, 5, 6, 2)
+    fwd = ops.maxpool_forward if kind == "max" else ops.avgpool_forward
+    bwd = ops.maxpool_backward if kind == "max" else ops.avgpool_backward
+    check_grads(lambda x: fwd(x, pool, stride, padding), bwd, [x])
+
+
+def torch_pool(kind, x, pool, stride, padding):
+    pool = ops._pair(pool)
+    stride = pool if stride is None else ops._pair(stride)
+    pads = torch_pad(ops.resolve_pads(x.shape[2], x.shape[3], pool, stride, padding))
+    if kind == "max":
+        return F.max_pool2d(F.pad(x, pads, value=-math.inf), pool, stride)
+    ones = torch.ones_like(x[:1, :1])
+    return F.avg_pool2d(F.pad(x, pads), pool, stride) / F.avg_pool2d(F.pad(ones, pads),
+                                                                      pool, stride)
+
+
+@pytest.mark.parametrize("pool,stride,padding", POOLS + [(3, 3, "valid")])
+@pytest.mark.parametrize("kind", ["max", "avg"])
+@pytest.mark.parametrize("ties", [False, True])
+def test_pool_matches_torch(kind, pool, stride, padding, ties):
+    x = rand(2, 8, 6, 3)  # pool 2 tiles it; the gradient checks use 5 x 6
+    if ties:  # ReLU-like: many equal values in a window
+        x = np.maximum(np.round(x), 0)
+    fwd = ops.maxpool_forward if kind == "max" else ops.avgpool_forward
+    bwd = ops.maxpool_backward if kind == "max" else ops.avgpool_backward
+    out, cache = fwd(x, pool, stride, padding)
+    dout = rand(*out.shape, seed=1)
+    xt = nchw(x).requires_grad_()
+    yt = torch_pool(kind, xt, pool, stride, padding)
+    (yt * nchw(dout)).sum().backward()
+    assert_close(out, nhwc(yt), rtol=1e-12, atol=1e-12)
+    assert_close(bwd(dout, cache), nhwc(xt.grad), rtol=1e-12, atol=1e-12)
+
+
+def test_maxpool_ties_go_to_first_max():
+    x = np.zeros((1, 4, 4, 1))
+    out, cache = ops.maxpool_forward(x, 2)
+    dx = ops.maxpool_backward(np.ones_like(out), cache)
+    assert dx[0, :, :, 0].tolist() == [[1, 0, 1, 0], [0, 0, 0, 0]] * 2
+    out, cache = ops.maxpool_forward(x[:, :3, :3], 2, 1)  # overlapping, general path
+    dx = ops.maxpool_backward(np.ones_like(out), cache)
+    assert dx[0, :, :, 0].tolist() == [[1, 1, 0], [1, 1, 0], [0, 0, 0]]
+
+
+@pytest.mark.parametrize("kind", ["avg", "max"])
+def test_global_pool(kind):
+    x = rand(3, 4, 5, 2)
+    fwd = ops.global_avgpool_forward if kind == "avg" else ops.global_maxpool_forward
+    bwd = ops.global_avgpool_backward if kind == "avg" else ops.global_maxpool_backward
+    check_grads(fwd, bwd, [x])
+    out, cache = fwd(x)
+    xt = nchw(x).requires_grad_()
+    yt = xt.mean((2, 3)) if kind == "avg" else xt.amax((2, 3))
+    dout = rand(*out.shape, seed=1)
+    (yt * torch.tensor(dout)).sum().backward()
+    assert_close(out, yt.detach().numpy(), rtol=1e-12)
+    assert_close(bwd(dout, cache), nhwc(xt.grad), rtol=1e-12)
+
+
+# dense, flatten, dropout, batchnorm -----------------------------------------------------
+def test_dense_gradcheck_and_torch():
+    x, w, b = rand(4, 5), rand(5, 3, seed=1), rand(3, seed=2)
+    check_grads(ops.dense_forward, ops.dense_backward, [x, w, b])
+    out, _ = ops.dense_forward(x, w, b)
+    assert_close(out, F.linear(torch.tensor(x), torch.tensor(w.T), torch.tensor(b)).numpy(),
+                 rtol=1e-12)
+
+
+def test_flatten_is_channels_last():
+    x = rand(2, 3, 4, 5)
+    out, shape = ops.flatten_forward(x)
+    assert out.shape == (2, 60) and out[1, 5 * 4 + 2] == x[1, 1, 0, 2]
+    assert np.array_equal(ops.flatten_backward(out, shape), x)
+
+
+def test_dropout():
+    x = np.ones((200, 50), np.float32)
+    y, mask = ops.dropout_forward(x, 0.25, False, np.random.default_rng(0))
+    assert y is x and ops.dropout_backward(x, mask) is x
+    y, mask = ops.dropout_forward(x, 0.25, True, np.random.default_rng(0))
+    assert y.dtype == np.float32 and set(np.unique(y)) == {0, np.float32(1 / 0.75)}
+    assert abs((y == 0).mean() - 0.25) < 0.02 and abs(y.mean() - 1) < 0.03
+    assert np.array_equal(ops.dropout_backward(x, mask), y)
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 2, 3), (6, 3)])
+@pytest.mark.parametrize("training", [True, False])
+def test_batchnorm_gradcheck(shape, training):
+    c = shape[-1]
+    x, gamma, beta = rand(*shape) * 2 + 1, rand(c, seed=1), rand(c, seed=2)
+    stats = lambda: (np.full(c, 0.3), np.full(c, 1.7))  # noqa: E731
+    check_grads(lambda x, g, b: ops.batchnorm_forward(x, g, b, *stats(), 1e-3, 0.99, training),
+                ops.batchnorm_backward, [x, gamma, beta])
+
+
+@pytest.mark.parametrize("shape", [(5, 3, 4, 2), (6, 3)])
+def test_batchnorm_matches_torch(shape):
+    c = shape[-1]
+    x, gamma, beta = rand(*shape) * 2 + 1, rand(c, seed=1), rand(c, seed=2)
+    mm, mv = rand(c, seed=3), np.abs(rand(c, seed=4)) + 0.5
+    rm, rv = torch.tensor(mm), torch.tensor(mv)
+    to_t = nchw if len(shape) == 4 else torch.tensor
+    from_t = nhwc if len(shape) == 4 else (lambda t: t.detach().numpy())
+    for training in (True, False, True):
+        out, cache = ops.batchnorm_forward(x, gamma, beta, mm, mv, 1e-3, 0.9, training)
+        dout = rand(*shape, seed=5)
+        dx, dg, db = ops.batchnorm_backward(dout, cache)
+        xt, gt, bt = to_t(x).requires_grad_(), torch.tensor(gamma, requires_grad=True), \
+            torch.tensor(beta, requires_grad=True)
+        yt = F.batch_norm(xt, rm, rv, gt, bt, training, momentum=0.1, eps=1e-3)
+        (yt * to_t(dout)).sum().backward()
+        for got, want in [(out, from_t(yt)), (dx, from_t(xt.grad)), (dg, gt.grad.numpy()),
+                          (db, bt.grad.numpy()), (mm, rm.numpy()), (mv, rv.numpy())]:
+            assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+# losses ---------------------------------------------------------------------------------
+def test_softmax_cross_entropy():
+    z, y = rand(5, 4) * 3, np.array([0, 3, 1, 1, 2])
+    for ls in (0.0, 0.1):
+        loss, dz = ops.softmax_cross_entropy(z, y, ls)
+        zt = torch.tensor(z, requires_grad=True)
+        lt = F.cross_entropy(zt, torch.tensor(y), label_smoothing=ls)
+        lt.backward()
+        assert abs(loss - lt.item()) < 1e-12
+        assert_close(dz, zt.grad.numpy(), rtol=1e-10, atol=1e-14)
+        num = numerical_grad(lambda: ops.softmax_cross_entropy(z, y, ls)[0], z)
+        assert_close(dz, num)
+    onehot = np.eye(4)[y]
+    assert ops.softmax_cross_entropy(z, onehot)[0] == ops.softmax_cross_entropy(z, y)[0]
+    loss, dz = ops.softmax_cross_entropy(np.array([[1e4, -1e4], [0, 5e3]]), np.array([1, 0]))
+    assert np.isfinite(loss) and np.isfinite(dz).all() and loss == pytest.approx(1.25e4)
+
+
+def test_binary_cross_entropy():
+    z, y = rand(6, 1) * 3, np.array([0, 1, 1, 0, 1, 0])
+    for ls in (0.0, 0.2):
+        loss, dz = ops.sigmoid_binary_cross_entropy(z, y, ls)
+        t = torch.tensor(y[:, None] * (1 - ls) + 0.5 * ls)
+        zt = torch.tensor(z, requires_grad=True)
+        lt = F.binary_cross_entropy_with_logits(zt, t)
+        lt.backward()
+        assert abs(loss - lt.item()) < 1e-12
+        assert_close(dz, zt.grad.numpy(), rtol=1e-10, atol=1e-14)
+        assert_close(dz, numerical_grad(lambda: ops.sigmoid_binary_cross_entropy(z, y, ls)[0], z))
+    loss, dz = ops.sigmoid_binary_cross_entropy(np.array([[1e4], [-1e4]]), np.array([0, 1]))
+    assert loss == pytest.approx(1e4) and np.isfinite(dz).all()
+
+
+@pytest.mark.parametrize("output", ["softmax", "sigmoid", "sigmoid1"])
+def test_mse_loss(output):
+    k = 1 if output == "sigmoid1" else 4
+    z, y = rand(5, k) * 2, np.array([0, 3, 1, 1, 2]) % max(k, 2)
+    act = "softmax" if output == "softmax" else "sigmoid"
+    loss, dz = ops.mse_loss(z, y, act)
+    zt = torch.tensor(z, requires_grad=True)
+    p = torch.softmax(zt, 1) if act == "softmax" else torch.sigmoid(zt)
+    t = torch.tensor(y[:, None] * 1.0) if k == 1 else F.one_hot(torch.tensor(y), k).double()
+    lt = F.mse_loss(p, t)
+    lt.backward()
+    assert abs(loss - lt.item()) < 1e-12
+    assert_close(dz, zt.grad.numpy(), rtol=1e-10, atol=1e-14)
+    assert_close(dz, numerical_grad(lambda: ops.mse_loss(z, y, act)[0], z))
+
+
+def test_loss_on_logits_dispatch():
+    z1, z3, y = rand(4, 1), rand(4, 3), np.array([0, 1, 1, 0])
+    bce = ops.sigmoid_binary_cross_entropy(z1, y)[0]
+    assert ops.loss_on_logits("categorical_crossentropy", z1, y, "sigmoid")[0] == bce
+    assert ops.loss_on_logits("binary_crossentropy", z1, y, "sigmoid")[0] == bce
+    assert ops.loss_on_logits("mean_squared_error", z3, y)[0] == ops.mse_loss(z3, y)[0]
+    with pytest.raises(ValueError, match="binary_crossentropy needs a sigmoid"):
+        ops.loss_on_logits("binary_crossentropy", z3, y, "softmax")
+    with pytest.raises(ValueError, match="unknown loss"):
+        ops.loss_on_logits("hinge", z3, y)
+
+
+# dtype ----------------------------------------------------------------------------------
+def test_float32_stays_float32():
+    f32 = np.float32
+    x, w, b = rand(2, 6, 6, 3).astype(f32), rand(3, 3, 3, 4).astype(f32), rand(4).astype(f32)
+    checks = []
+    for name in ACTS:
+        y, c = ops.activation_forward(x, name)
+        checks += [y, ops.activation_backward(y, c)]
+    for op in (ops.conv2d_forward, lambda *a: (ops.conv2d_fft(*a), None)):
+        checks.append(op(x, w, b, 2, "same")[0])
+    y, c = ops.conv2d_forward(x, w, b, 2, "same")
+    checks += list(ops.conv2d_backward(y, c))
+    for fwd, bwd in [(ops.maxpool_forward, ops.maxpool_backward),
+                     (ops.avgpool_forward, ops.avgpool_backward)]:
+        for args in [(2,), (3, 2, "same")]:
+            y, c = fwd(x, *args)
+            checks += [y, bwd(y, c)]
+    for fwd, bwd in [(ops.global_avgpool_forward, ops.global_avgpool_backward),
+                     (ops.global_maxpool_forward, ops.global_maxpool_backward)]:
+        y, c = fwd(x)
+        checks += [y, bwd(y, c)]
+    g, bt = np.ones(3, f32), np.zeros(3, f32)
+    for training in (True, False):
+        y, c = ops.batchnorm_forward(x, g, bt, np.zeros(3, f32), np.ones(3, f32), 1e-3, 0.99,
+                                     training)
+        checks += [y, *ops.batchnorm_backward(y, c)]
+    h, _ = ops.flatten_forward(x)
+    y, c = ops.dense_forward(h, rand(108, 3).astype(f32), b[:3])
+    checks += [y, *ops.dense_backward(y, c)]
+    for name in ("categorical_crossentropy", "mse"):
+        checks.append(ops.loss_on_logits(name, y, np.array([0, 2]))[1])
+    checks.append(ops.loss_on_logits("binary_crossentropy", y[:, :1], [0, 1], "sigmoid")[1])
+    assert all(a.dtype == f32 for a in checks), [a.dtype for a in checks]
