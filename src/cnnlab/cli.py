@@ -298,7 +298,8 @@ def cmd_datasets(args):
         return 0
     print(table(["dataset", "status", "where", "description"],
                 [(r["name"], "ready" if r["available"] else
-                  ("missing " + ", ".join(r["missing"][:2]) + ("…" if len(r["missing"]) > 2 else "")),
+                  "missing " + (r["missing"][0] if len(r["missing"]) == 1
+                                else f"{len(r['missing'])} files"),
                   r["path"] or "-", r.get("description", "")) for r in rows],
                 justify={i: "left" for i in range(4)}))
     from .datasets import data_dirs

@@ -19,7 +19,7 @@ def render(renderable, width=88) -> str:
     buf = io.StringIO()
     Console(file=buf, width=width, force_terminal=False, color_system=None,
             legacy_windows=False).print(renderable)
-    return buf.getvalue().rstrip("\n")
+    return "\n".join(line.rstrip() for line in buf.getvalue().strip("\n").splitlines())
 
 
 def table(columns, rows, title=None, justify=None) -> str:
@@ -29,7 +29,7 @@ def table(columns, rows, title=None, justify=None) -> str:
         t.add_column(col, justify=(justify or {}).get(i, "left" if i == 0 else "right"))
     for row in rows:
         t.add_row(*[str(c) for c in row])
-    return render(t, width=max(88, sum(len(c) + 6 for c in columns)))
+    return render(t, width=400)  # tables size to their content; nothing wraps
 
 
 def summary_table(summary: dict) -> str:
