@@ -56,18 +56,20 @@ def quick_model(name, data, data_dir, n_train, work):
     return out
 
 
-def bench(label, model_path, data, data_dir, engine, work):
+def bench(label, model_path, data, data_dir, engine, work, source):
     print(f"\n{label}: report on {data}", file=sys.stderr)
     log = Tee()
     t = time.perf_counter()
     path = write_report(model_path, data, Path(work) / f"report-{label}", engine=engine,
                         data_dir=data_dir, progress=log)
     total = time.perf_counter() - t
-    steps = [(m[1], float(m[2])) for m in re.finditer(r"\] (.+?) \.\.\. ([\d.]+) s", log.getvalue())]
+    steps = [(m[1], float(m[2]))
+             for m in re.finditer(r"\] (.+?) \.\.\. ([\d.]+) s", log.getvalue())]
     model = load(model_path)
     n_test = re.search(r"predicting ([\d,]+) test images \((\w+) engine\)", log.getvalue())
     print(f"{label}: {total:.1f} s -> {path}", file=sys.stderr)
     return {"label": label, "model": model.name, "data": data, "images": n_test[1],
+            "source": source,
             "engine": n_test[2], "total": total, "steps": steps,
             "figures": len(list(path.parent.glob("*.png")))}
 
@@ -92,7 +94,9 @@ def machine() -> str:
 
 def markdown(results) -> str:
     lines = [SECTION, "",
-             f"`python bench/bench_report.py` on {datetime.now():%Y-%m-%d %H:%M}, {machine()}.",
+             f"`python {' '.join(['bench/bench_report.py', *sys.argv[1:]])}` on "
+             f"{datetime.now():%Y-%m-%d %H:%M}, {machine()}.",
+             "Models: " + "; ".join(f"{r['model']} {r['source']}" for r in results) + ".",
              "Full report (all figures, PNG + HTML) over the whole test split; default options "
              "(16 images, occlusion patch 4 stride 2, 128 maximization steps, 16 filters per "
              "layer).", "",
@@ -115,6 +119,10 @@ def update_results(text: str, path: Path):
     path.write_text(new)
 
 
+def _source(path, n_train):
+    return f"from {path}" if path else f"trained 1 epoch on {n_train:,} images"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lenet", help="a lenet model file or run dir trained on mnist")
@@ -130,12 +138,13 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="bench-report-") as work:
         lenet = args.lenet or quick_model("lenet", "mnist", args.data_dir, args.train_images,
                                           work)
-        results.append(bench("lenet", lenet, "mnist", args.data_dir, args.engine, work))
+        results.append(bench("lenet", lenet, "mnist", args.data_dir, args.engine, work,
+                             _source(args.lenet, args.train_images)))
         if not args.skip_cifar:
             cifar = args.cifar or quick_model("cifar-basic", "cifar10", args.data_dir,
                                               args.train_images, work)
             results.append(bench("cifar-basic", cifar, "cifar10", args.data_dir, args.engine,
-                                 work))
+                                 work, _source(args.cifar, args.train_images)))
     text = markdown(results)
     print("\n" + text)
     if not args.no_write:
