@@ -4,7 +4,8 @@ Same network, optimizer (Adam 1e-3), batch size and data for each; images/s over
 timed steps after a warm-up. Data are random uint8 images (throughput does not
 depend on content). Run alone: two benchmarks at once on 2 cores halve both.
 
-    python bench/bench_train.py                 # cifar-basic and cifar-bn, fp32 and bf16
+    python bench/bench_train.py                 # cifar-basic and cifar-bn, fp32
+    python bench/bench_train.py --precisions fp32,bf16
     python bench/bench_train.py --keras-python /tmp/keras-env/bin/python
 """
 from __future__ import annotations
@@ -101,6 +102,9 @@ def main():
     ap.add_argument("--models", default="cifar-basic,cifar-bn")
     ap.add_argument("--steps", type=int, default=40, help="steps per measurement")
     ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--precisions", default="fp32",
+                    help="comma-separated: fp32,bf16 (bf16 is emulated and slow on CPUs "
+                         "without native bf16)")
     ap.add_argument("--keras-python", help="a Python with keras installed (bench-only env)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
@@ -111,7 +115,7 @@ def main():
     y = rng.integers(0, 10, size=n).astype(np.int64)
     rows = []
     for name in args.models.split(","):
-        for precision in ("fp32", "bf16"):
+        for precision in args.precisions.split(","):
             for cl in (False, True):
                 torch.manual_seed(0)
                 p = plain_loop(name, x, y, args.batch, precision, cl, warmup)

@@ -47,9 +47,11 @@ class Block(nn.Module):
         act = getattr(layer, "activation", "linear")
         self.act = activation_fn("linear" if skip_activation else act)
         if isinstance(layer, L.Conv2D):
-            self.pad = _pad_spec(layer, in_shape)
+            pl, pr, pt, pb = _pad_spec(layer, in_shape)
+            symmetric = pl == pr and pt == pb  # then the convolution pads itself: no copy
+            self.pad = (0, 0, 0, 0) if symmetric else (pl, pr, pt, pb)
             self.conv = nn.Conv2d(in_shape[2], layer.filters, layer.kernel_size, layer.strides,
-                                  bias=layer.use_bias)
+                                  padding=(pt, pl) if symmetric else 0, bias=layer.use_bias)
         elif isinstance(layer, (L.MaxPool2D, L.AvgPool2D)):
             self.pad = _pad_spec(layer, in_shape)
         elif isinstance(layer, L.Dense):
