@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
-import platform
 import re
 import sys
 import tempfile
@@ -25,6 +23,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+from results import machine  # noqa: E402
 
 from cnnlab import datasets, zoo  # noqa: E402
 from cnnlab.fileformat import load  # noqa: E402
@@ -72,24 +72,6 @@ def bench(label, model_path, data, data_dir, engine, work, source):
             "source": source,
             "engine": n_test[2], "total": total, "steps": steps,
             "figures": len(list(path.parent.glob("*.png")))}
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    threads = ""
-    try:
-        import torch
-        threads = f", torch {torch.__version__} with {torch.get_num_threads()} threads"
-    except ImportError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores{threads}, Python {platform.python_version()}"
 
 
 def markdown(results) -> str:

@@ -1,12 +1,11 @@
 """The PyTorch engine against hand calculations and explicit reference code."""
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 
 from cnnlab import zoo
 from cnnlab.engines.torch_engine import TorchEngine, TorchNet, export_weights, load_weights
-from cnnlab.layers import (Activation, AvgPool2D, BatchNorm, Conv2D, Dense, Flatten,
+from cnnlab.layers import (AvgPool2D, BatchNorm, Conv2D, Dense, Flatten,
                            GlobalAvgPool2D, GlobalMaxPool2D, Input, MaxPool2D)
 from cnnlab.model import Sequential
 
