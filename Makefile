@@ -12,7 +12,7 @@ DEMO := runs/demo
 
 setup: $(STAMP)
 
-# torch first, pinned: this version is the local CPU wheel (others pull CUDA builds).
+# torch first, pinned to its CPU build, so later requirements find it installed.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0

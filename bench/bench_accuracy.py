@@ -15,7 +15,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
-from results import machine, write_section  # noqa: E402
+from results import SHARED_DATASETS, machine, write_section  # noqa: E402
 
 from cnnlab import datasets, zoo  # noqa: E402
 from cnnlab.train import fit  # noqa: E402
@@ -27,7 +27,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="MODEL:DATASET")
-    ap.add_argument("--data-dir", default=str(HERE.parents[1] / "shared" / "datasets"))
+    ap.add_argument("--data-dir", default=SHARED_DATASETS)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--epochs", type=int, help="override the recipe's epochs")
     ap.add_argument("--engine", default="torch", choices=["torch", "numpy"])

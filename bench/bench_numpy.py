@@ -17,7 +17,8 @@ ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDe
 ap.add_argument("--threads", type=int, default=1)
 ap.add_argument("--reps", type=int, default=7)
 ap.add_argument("--quick", action="store_true")
-ap.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "datasets"))
+ap.add_argument("--data-dir", default=os.environ.get("CNNLAB_SHARED_DATASETS") or str(
+    Path(__file__).resolve().parents[2] / "shared" / "datasets"))
 ap.add_argument("--no-write", action="store_true")
 args = ap.parse_args()
 for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):

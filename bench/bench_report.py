@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
-from results import machine  # noqa: E402
+from results import SHARED_DATASETS, machine  # noqa: E402
 
 from cnnlab import datasets, zoo  # noqa: E402
 from cnnlab.fileformat import load  # noqa: E402
@@ -109,7 +109,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lenet", help="a lenet model file or run dir trained on mnist")
     p.add_argument("--cifar", help="a cifar-basic model file or run dir trained on cifar10")
-    p.add_argument("--data-dir", default="/work/shared/datasets")
+    p.add_argument("--data-dir", default=SHARED_DATASETS)
     p.add_argument("--engine", default="auto", choices=["auto", "torch", "numpy"])
     p.add_argument("--train-images", type=int, default=10000,
                    help="images for the 1-epoch quick models (default 10000)")

@@ -8,6 +8,9 @@ from datetime import date
 from pathlib import Path
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
+# the real datasets beside the checkout (or $CNNLAB_SHARED_DATASETS)
+SHARED_DATASETS = os.environ.get("CNNLAB_SHARED_DATASETS") or str(
+    Path(__file__).resolve().parents[2] / "shared" / "datasets")
 
 
 def machine() -> str:

@@ -117,3 +117,27 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     _, meta = unpack(out / "checkpoint.safetensors")
     assert meta["trainer"]["epoch"] >= 1
     assert load(out / "model.safetensors").count_params()[0] == 8790
+
+
+def test_folder_training_with_a_json_model_resizes_and_remembers_the_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "shapes"
+    for label, value in (("dark", 40), ("light", 200)):
+        (root / label).mkdir(parents=True)
+        for i in range(12):
+            img = np.clip(rng.normal(value, 20, size=(30, 40, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / label / f"{i}.png")
+    model_json = tmp_path / "tiny.json"
+    model_json.write_text(json.dumps({"input_shape": [16, 16, 3], "layers": [
+        {"type": "Conv2D", "config": {"filters": 4, "kernel_size": 3, "activation": "relu"}},
+        {"type": "GlobalAvgPool2D"}, {"type": "Dense", "config": {"units": 2,
+                                                                 "activation": "softmax"}}]}))
+    out = tmp_path / "run"
+    r = cnnlab("train", model_json, "--data", root, "--epochs", 2, "--out", out, "--quiet",
+               cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = cnnlab("evaluate", out, "--json", cwd="/")          # from elsewhere: absolute folder
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["images"] > 0
+    r = cnnlab("train", model_json, "--data", root, "--out", out, cwd=tmp_path)
+    assert r.returncode == 1 and "already holds a run" in r.stderr

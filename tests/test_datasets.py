@@ -19,8 +19,7 @@ from cnnlab.datasets import (Dataset, DatasetError, DatasetWarning, channel_stat
 from cnnlab.datasets import registry
 from cnnlab.datasets.idx import write_idx
 
-SHARED = Path(os.environ.get("CNNLAB_SHARED_DATASETS")
-              or Path(__file__).resolve().parents[2] / "shared" / "datasets")
+from conftest import SHARED_DATASETS as SHARED
 needs_shared = pytest.mark.skipif(not (SHARED / "mnist").is_dir(),
                                   reason=f"real datasets not found at {SHARED} (set CNNLAB_SHARED_DATASETS)")
 

@@ -6,7 +6,6 @@ import io
 import os
 import struct
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -244,11 +243,9 @@ def test_png_data_url_roundtrip():
 
 # accuracy on MNIST ---------------------------------------------------------------------------
 def _data_dir():
-    for d in (os.environ.get("CNNLAB_SHARED_DATASETS"),
-              str(Path(__file__).resolve().parents[2] / "shared" / "datasets")):
-        if d and (Path(d) / "mnist" / "t10k-images-idx3-ubyte.gz").exists():
-            return d
-    return None
+    from conftest import SHARED_DATASETS
+    found = (SHARED_DATASETS / "mnist" / "t10k-images-idx3-ubyte.gz").exists()
+    return str(SHARED_DATASETS) if found else None
 
 
 @pytest.fixture(scope="module")

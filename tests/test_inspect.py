@@ -27,7 +27,7 @@ except ImportError:
 
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
-    """These models are tiny: one thread avoids contention on a busy shared CPU."""
+    """These models are tiny: one thread is faster than two competing for small ops."""
     try:
         import torch
     except ImportError:

@@ -15,7 +15,6 @@ SCRIPT = textwrap.dedent("""
     import numpy as np
     import cnnlab
     from cnnlab import datasets, zoo
-    from cnnlab.engines import get_engine
     from cnnlab.evaluate import evaluate
     from cnnlab.train import fit
 
@@ -29,7 +28,6 @@ SCRIPT = textwrap.dedent("""
     assert probs.shape == (20, 10) and np.allclose(probs.sum(1), 1, atol=1e-5)
     res = evaluate(again, "mnist-5k", engine="numpy")
     imported = "torch" in sys.modules
-    assert get_engine(again, "auto").name in ("numpy", "torch")
     print(json.dumps({"torch_imported": imported,
                       "loss": [h["loss"] for h in hist], "accuracy": res["accuracy"]}))
 """)
@@ -48,10 +46,12 @@ def test_numpy_paths_do_not_import_torch(tmp_path):
     assert out["accuracy"] > 0.5
 
 
-def test_this_environment():
-    """Says which kind of environment ran the file (torch or not), and that cnnlab imports."""
+def test_auto_engine_follows_what_is_installed():
+    """auto picks torch where it is installed and the NumPy engine where it is not."""
     import cnnlab
-    from cnnlab.engines import get_engine, torch_available
-    assert torch_available() == (importlib.util.find_spec("torch") is not None)
+    from cnnlab.engines import get_engine
+    from cnnlab.train import TrainConfig
+    installed = importlib.util.find_spec("torch") is not None
     model = cnnlab.zoo.build("litecnn")
-    assert get_engine(model, "auto").name == ("torch" if torch_available() else "numpy")
+    assert get_engine(model, "auto").name == ("torch" if installed else "numpy")
+    assert TrainConfig().check().engine == ("torch" if installed else "numpy")

@@ -1,4 +1,6 @@
 """Training with the NumPy engine, and the two engines agreeing on the same model file."""
+import signal
+
 import numpy as np
 import pytest
 
@@ -58,18 +60,18 @@ def test_engines_take_the_same_steps(mnist5k, optimizer):
 def test_numpy_resume_after_ctrl_c_is_exact(mnist5k, tmp_path, monkeypatch):
     ds = subset(mnist5k, 128)
     def net():
-        return Sequential([Input((28, 28, 1)), Conv2D(3, 3, activation="relu"), MaxPool2D(2),
-                           Flatten(), Dropout(0.3), Dense(10, activation="softmax")])
+        return Sequential([Input((28, 28, 1)), Conv2D(3, 3, activation="relu"), BatchNorm(),
+                           MaxPool2D(2), Flatten(), Dropout(0.3), Dense(10, activation="softmax")])
     common = dict(epochs=2, batch_size=32, seed=4, engine="numpy", verbose=0, data="mnist-5k")
     ref = net()
-    fit(ref, ds, **common)
+    ref_hist = fit(ref, ds, **common)
     from cnnlab.engines import numpy_train
     real = numpy_train.NumpyBackend.train_step
     calls = {"n": 0}
     def step(self, idx, seed):
         calls["n"] += 1
-        if calls["n"] == 6:          # epoch 2, step 2
-            raise KeyboardInterrupt
+        if calls["n"] == 6:          # Ctrl-C during epoch 2, step 2
+            signal.raise_signal(signal.SIGINT)
         return real(self, idx, seed)
     monkeypatch.setattr(numpy_train.NumpyBackend, "train_step", step)
     with pytest.raises(TrainingInterrupted):
@@ -77,7 +79,9 @@ def test_numpy_resume_after_ctrl_c_is_exact(mnist5k, tmp_path, monkeypatch):
     monkeypatch.setattr(numpy_train.NumpyBackend, "train_step", real)
     monkeypatch.setattr(datasets, "load", lambda *a, **k: ds)
     resumed = net()
-    resume_run(tmp_path / "run", model=resumed)
+    hist = resume_run(tmp_path / "run", model=resumed)
+    assert [{k: v for k, v in h.items() if k != "seconds"} for h in hist] == \
+        [{k: v for k, v in h.items() if k != "seconds"} for h in ref_hist]
     for k in ref.weights:
         np.testing.assert_array_equal(resumed.weights[k], ref.weights[k], err_msg=k)
 

@@ -1,6 +1,7 @@
 """Training with the PyTorch engine: accuracy rises, resume is exact, checkpoints are safe."""
 import json
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -48,7 +49,7 @@ def test_same_seed_same_history(mnist5k):
 
 
 class Interrupt:
-    """Raise KeyboardInterrupt at the n-th training step, like Ctrl-C."""
+    """A real Ctrl-C (SIGINT) arriving in the middle of the n-th training step."""
     def __init__(self, at):
         self.at, self.count = at, 0
 
@@ -56,7 +57,7 @@ class Interrupt:
         def train_step(idx, seed):
             self.count += 1
             if self.count == self.at:
-                raise KeyboardInterrupt
+                signal.raise_signal(signal.SIGINT)
             return step(idx, seed)
         return train_step
 
@@ -75,11 +76,11 @@ def test_resume_after_ctrl_c_equals_uninterrupted(mnist5k, tmp_path, monkeypatch
                            MaxPool2D(), Flatten(), Dropout(0.3), Dense(10, activation="softmax")])
     common = dict(epochs=3, batch_size=64, seed=3, verbose=0, data="mnist-5k", **opt)
     ref = net()
-    fit(ref, ds, **common)
+    ref_hist = fit(ref, ds, **common)
 
     from cnnlab.engines import torch_train
     real_init = torch_train.TorchBackend.__init__
-    stopper = Interrupt(at=10)          # step 10 = epoch 2, step 3 (7 steps per epoch)
+    stopper = Interrupt(at=10)          # 10th step = epoch 2, step 3 (7 steps per epoch)
     def init(self, *a, **k):
         real_init(self, *a, **k)
         self.train_step = stopper.wrap(self.train_step)
@@ -89,13 +90,15 @@ def test_resume_after_ctrl_c_equals_uninterrupted(mnist5k, tmp_path, monkeypatch
         fit(net(), ds, out=str(run), **common)
     monkeypatch.setattr(torch_train.TorchBackend, "__init__", real_init)
     _, meta = unpack(run / "checkpoint.safetensors")
-    assert (meta["trainer"]["epoch"], meta["trainer"]["step_in_epoch"]) == (1, 2)
+    # the step in flight finished; the loop stopped before the next one
+    assert (meta["trainer"]["epoch"], meta["trainer"]["step_in_epoch"]) == (1, 3)
     assert (run / "model.safetensors").exists()     # the work so far is usable
     # resume_run reloads mnist-5k by name: restrict it to the same slice
     monkeypatch.setattr(datasets, "load", lambda *a, **k: ds)
     resumed = net()
     hist = resume_run(run, model=resumed)
     assert len(hist) == 3
+    assert hist == [{**h, "seconds": r["seconds"]} for h, r in zip(ref_hist, hist)]
     for k in ref.weights:
         np.testing.assert_array_equal(resumed.weights[k], ref.weights[k], err_msg=k)
 
@@ -168,3 +171,51 @@ def test_binary_and_mse_losses_learn(mnist5k):
     m = Sequential([Input((28, 28, 1)), MaxPool2D(2), Flatten(), Dense(10, activation="softmax")])
     h = fit(m, small(ds, 1000), epochs=3, loss="mse", lr=3e-3, verbose=0)
     assert h[-1]["val_accuracy"] > h[0]["val_accuracy"] - 0.02 and h[-1]["val_accuracy"] > 0.7
+
+
+def test_sigmoid_output_trains_the_same_way_in_both_engines(mnist5k):
+    """categorical_crossentropy on a 1-unit sigmoid output means binary cross-entropy,
+    in both engines; mse on it compares the probability with the 0/1 label."""
+    from cnnlab.layers import Dense, Flatten, Input, MaxPool2D
+    from cnnlab.model import Sequential
+    keep = mnist5k.y_train < 2
+    x, y = mnist5k.x_train[keep][:256], mnist5k.y_train[keep][:256]
+    for loss in ("categorical_crossentropy", "binary_crossentropy", "mse"):
+        models = []
+        for engine in ("torch", "numpy"):
+            m = Sequential([Input((28, 28, 1)), MaxPool2D(4), Flatten(),
+                            Dense(1, activation="sigmoid")])
+            h = fit(m, (x, y), epochs=1, lr=1e-2, loss=loss, engine=engine, verbose=0)
+            models.append((m, h))
+        (a, ha), (b, hb) = models
+        assert ha[0]["loss"] == pytest.approx(hb[0]["loss"], rel=1e-4), loss
+        for k in a.weights:
+            np.testing.assert_allclose(a.weights[k], b.weights[k], rtol=1e-4, atol=1e-5)
+    m = Sequential([Input((28, 28, 1)), Flatten(), Dense(3, activation="sigmoid")])
+    with pytest.raises(TrainingError, match="multi-label"):
+        fit(m, (x, y), verbose=0)
+
+
+def test_keras_style_arrays(mnist5k):
+    from cnnlab.layers import Dense, Flatten, Input
+    from cnnlab.model import Sequential
+    x, y = mnist5k.x_train[:200], mnist5k.y_train[:200]
+    m = Sequential([Input((28, 28, 1)), Flatten(), Dense(10, activation="softmax")])
+    with pytest.raises(TrainingError, match=r"float images must be in \[0, 1\]"):
+        m.fit(x.astype(np.float32), y, epochs=1, verbose=0)
+    onehot = np.eye(10, dtype=np.float32)[y]
+    h1 = m.fit(x.astype(np.float32) / 255, onehot, epochs=1, verbose=0, val_split=0.1)
+    # a second fit continues from the trained weights, as in Keras
+    w = {k: v.copy() for k, v in m.weights.items()}
+    h2 = m.fit(x, y, epochs=1, verbose=0, val_split=0.1)
+    assert h2[0]["loss"] < h1[0]["loss"]
+    assert not np.array_equal(w["dense.kernel"], m.weights["dense.kernel"])
+    with pytest.raises(TrainingError, match="labels must be"):
+        m.fit(x, y[:10], verbose=0)
+
+
+def test_failed_setup_writes_nothing(mnist5k, tmp_path):
+    with pytest.raises(TrainingError):
+        fit(zoo.build("lenet"), mnist5k, loss="binary_crossentropy", out=str(tmp_path / "r"),
+            verbose=0)
+    assert not (tmp_path / "r").exists()

@@ -63,8 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", help="dataset name (see 'cnnlab datasets') or an image folder "
                                   "(default: the recipe's, else mnist-5k)")
     t.add_argument("--data-dir", help="where dataset files are looked for and downloaded")
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--batch-size", type=int)
+    t.add_argument("--image-size", metavar="HxW",
+                   help="resize a folder's images for a zoo model (default: their most "
+                        "common size); a .json or .safetensors model fixes its own")
+    t.add_argument("--color", choices=["grayscale", "rgb"],
+                   help="colour mode for a folder of images (default: rgb if any is colour)")
+    t.add_argument("--epochs", type=int, help="(default: the recipe's, else 10)")
+    t.add_argument("--batch-size", type=int, help="(default: the recipe's, else 32)")
     t.add_argument("--optimizer", choices=["sgd", "adam", "adamw", "rmsprop"])
     t.add_argument("--lr", type=float, help="learning rate")
     t.add_argument("--momentum", type=float, help="SGD/RMSprop momentum")
@@ -85,18 +90,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "restoring the best weights")
     t.add_argument("--monitor", default="val_loss",
                    choices=["val_loss", "val_accuracy", "loss", "accuracy"])
-    t.add_argument("--seed", type=int)
+    t.add_argument("--seed", type=int, help="seed for weights, shuffling, augmentation and "
+                                            "dropout (default 0)")
     t.add_argument("--device", default=None, help="auto (default), cpu or cuda")
-    t.add_argument("--engine", choices=["torch", "numpy"])
+    t.add_argument("--engine", choices=["auto", "torch", "numpy"],
+                   help="auto (default): torch when installed, else the NumPy engine")
     t.add_argument("--precision", choices=["fp32", "bf16"], help="bf16: mixed precision")
     t.add_argument("--out", help="run directory (default runs/<model>-<data>-<time>)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint")
+    t.add_argument("--overwrite", action="store_true",
+                   help="allow --out to replace an existing run")
     t.add_argument("--quiet", action="store_true", help="one line per epoch, no progress bar")
 
     e = sub.add_parser("evaluate", help="loss, accuracy, per-class metrics, confusion matrix",
                        epilog=EPILOGS["evaluate"], formatter_class=fmt)
     e.add_argument("model", help="model file or run directory")
     e.add_argument("--data", default=None, help="dataset (default: the one it was trained on)")
+    e.add_argument("--data-dir", help="where dataset files are looked for")
     e.add_argument("--json", action="store_true", help="print JSON")
     _add_engine(e)
 
@@ -191,22 +201,56 @@ def cmd_train(args):
     if args.early_stopping is not None:
         options["early_stopping"] = {"monitor": args.monitor, "patience": args.early_stopping}
     options["verbose"] = 2 if args.quiet else 1
-    ds = datasets.load(options["data"], data_dir=options.get("data_dir"))
+    load_opts = {"data_dir": options.get("data_dir")}
     if args.model in zoo.MODELS:
+        if args.image_size:
+            load_opts["image_size"] = parse_size(args.image_size)
+        if args.color:
+            load_opts["color"] = args.color
+        ds = datasets.load(options["data"], **load_opts)
         model = zoo.build(args.model, input_shape=ds.input_shape, num_classes=ds.num_classes)
-    else:
+    else:  # the model fixes the image size and colour the data is converted to
         model = load_model_arg(args.model)
-        if model.weights and Path(args.model).suffix == ".safetensors":
-            print("note: training starts from fresh weights; the file gives the architecture")
+        h, w, c = model.input_shape
+        ds = datasets.load(options["data"], image_size=(h, w),
+                           color="grayscale" if c == 1 else "rgb", **load_opts)
+        if not model.fresh:
+            print(f"Continuing from the weights in {args.model}")
     options["model"] = args.model
     cfg = TrainConfig.from_dict(dict(options))
     out = Path(args.out) if args.out else default_run_dir(cfg, Path(args.model).stem)
+    if (out / "checkpoint.safetensors").exists() and not args.overwrite:
+        raise CLIError(f"{out} already holds a run: continue it with 'cnnlab train --resume "
+                       f"{out}', or pass --overwrite, or choose another --out")
     options["out"] = str(out)
     fit(model, ds, **options)
-    print(f"\nNext: cnnlab evaluate {out} --data {options['data']}\n"
+    print(f"\nNext: cnnlab evaluate {out}\n"
+          f"      cnnlab report {out}\n"
           f"      cnnlab predict {out} IMAGE.png\n"
-          f"      cnnlab summary {out}")
+          f"      cnnlab serve {out}")
     return 0
+
+
+def parse_size(text: str):
+    try:
+        h, _, w = text.lower().partition("x")
+        size = (int(h), int(w or h))
+        if min(size) < 1:
+            raise ValueError
+        return size
+    except ValueError:
+        raise CLIError(f"--image-size takes HxW, e.g. 64x64, got {text!r}") from None
+
+
+def run_data_dir(model_arg):
+    """The --data-dir a run directory was trained with (from its config.json), if any."""
+    config = Path(model_arg) / "config.json"
+    if config.is_file():
+        try:
+            return json.loads(config.read_text()).get("train", {}).get("data_dir")
+        except (OSError, ValueError):
+            return None
+    return None
 
 
 def _dataset_for(model, data):
@@ -222,7 +266,8 @@ def cmd_evaluate(args):
     from .console import table
     from .evaluate import evaluate
     model = load_model_arg(args.model)
-    res = evaluate(model, _dataset_for(model, args.data), engine=args.engine)
+    res = evaluate(model, _dataset_for(model, args.data), engine=args.engine,
+                   data_dir=args.data_dir or run_data_dir(args.model))
     if args.json:
         print(json.dumps({k: res[k] for k in ("accuracy", "loss", "per_class",
                                               "confusion_matrix", "class_names", "images")}))
@@ -353,6 +398,14 @@ def main(argv=None) -> int:
         return 130
     except (CLIError, DatasetError, ModelFileError, ModelError, TrainingError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except ImportError as e:
+        print(f"error: {e.name or e} is not installed; the torch engine needs PyTorch "
+              "(use --engine numpy)", file=sys.stderr)
+        return 1
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

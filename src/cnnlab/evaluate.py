@@ -8,7 +8,7 @@ from .engines import get_engine
 from .preprocess import apply, preprocessing_of
 
 
-def _test_split(model, data):
+def _test_split(model, data, data_dir=None):
     from . import datasets
     if isinstance(data, (tuple, list)) and len(data) == 2:
         x, y = np.asarray(data[0]), np.asarray(data[1], np.int64)
@@ -16,13 +16,14 @@ def _test_split(model, data):
         return x, y, names, "arrays"
     if isinstance(data, str):
         h, w, c = model.input_shape
-        data = datasets.load(data, image_size=(h, w), color="grayscale" if c == 1 else "rgb")
+        data = datasets.load(data, data_dir=data_dir, image_size=(h, w),
+                             color="grayscale" if c == 1 else "rgb")
     return data.x_test, data.y_test, list(data.class_names), data.name
 
 
-def evaluate(model, data="mnist-5k", *, engine="auto", batch_size=256) -> dict:
+def evaluate(model, data="mnist-5k", *, engine="auto", batch_size=256, data_dir=None) -> dict:
     """{"accuracy", "loss", "per_class": [...], "confusion_matrix": [[...]], ...}."""
-    x, y, names, name = _test_split(model, data)
+    x, y, names, name = _test_split(model, data, data_dir)
     if x.ndim == 3:
         x = x[..., None]
     if tuple(x.shape[1:]) != tuple(model.input_shape):

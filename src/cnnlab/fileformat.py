@@ -103,9 +103,8 @@ def save(model, path) -> Path:
     if path.suffix != ".safetensors":
         path = path.with_suffix(path.suffix + ".safetensors") if path.suffix else \
             path.with_suffix(".safetensors")
-    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION,
-                "model": model.get_config(), "input_shape": list(model.input_shape),
-                **model.meta}
+    metadata = {**model.meta, "format": FORMAT, "format_version": FORMAT_VERSION,
+                "model": model.get_config(), "input_shape": list(model.input_shape)}
     atomic_write_bytes(path, pack(model.weights, metadata))
     return path
 
@@ -129,7 +128,7 @@ def load(path):
         raise ModelFileError(f"{path}: written by a newer cnnlab (format version "
                              f"{meta.get('format_version')}); upgrade cnnlab")
     try:
-        model = Sequential.from_config(meta["model"])
+        model = Sequential.from_config(meta["model"], init=False)
         model.set_weights(tensors)
     except (ModelError, KeyError) as e:
         raise ModelFileError(f"{path}: inconsistent model file: {e}") from None

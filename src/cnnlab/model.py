@@ -30,7 +30,7 @@ class Sequential:
       meta            class names, preprocessing, training summary (saved with the model)
     """
 
-    def __init__(self, layers, name: str = "sequential", input_shape=None):
+    def __init__(self, layers, name: str = "sequential", input_shape=None, init: bool = True):
         layers = list(layers)
         if layers and isinstance(layers[0], L.Input):
             if input_shape is not None:
@@ -51,7 +51,9 @@ class Sequential:
         self.layer_shapes = self._infer_shapes()
         self.weights: dict[str, np.ndarray] = {}
         self.meta: dict = {}
-        self.init_weights(seed=0)
+        self.fresh = True
+        if init:
+            self.init_weights(seed=0)
 
     # structure -------------------------------------------------------------
     @property
@@ -158,6 +160,7 @@ class Sequential:
             else:
                 weights[key] = np.zeros(shape, np.float32)
         self.weights = weights
+        self.fresh = True   # fit() may reseed fresh weights; trained ones it continues from
         return self
 
     def set_weights(self, weights: dict):
@@ -176,6 +179,7 @@ class Sequential:
                                  f"{shape}")
             new[key] = arr
         self.weights = new
+        self.fresh = False
 
     # (de)serialization -------------------------------------------------------
     def get_config(self) -> dict:
@@ -183,7 +187,7 @@ class Sequential:
                 "layers": [L.to_config(layer) for layer in self.layers]}
 
     @classmethod
-    def from_config(cls, config: dict) -> "Sequential":
+    def from_config(cls, config: dict, init: bool = True) -> "Sequential":
         if not isinstance(config, dict) or "layers" not in config:
             raise ModelError("a model description is an object with 'input_shape' and 'layers'")
         layer_list = config["layers"]
@@ -196,7 +200,7 @@ class Sequential:
             except ModelError as e:
                 raise ModelError(f"layer {i} {e}") from None
         return cls(built, name=config.get("name", "sequential"),
-                   input_shape=config.get("input_shape"))
+                   input_shape=config.get("input_shape"), init=init)
 
     def to_json(self, indent=2) -> str:
         return json.dumps(self.get_config(), indent=indent)
@@ -210,8 +214,9 @@ class Sequential:
         return cls.from_config(config)
 
     def copy(self) -> "Sequential":
-        other = Sequential.from_config(self.get_config())
+        other = Sequential.from_config(self.get_config(), init=False)
         other.weights = {k: v.copy() for k, v in self.weights.items()}
+        other.fresh = self.fresh
         other.meta = json.loads(json.dumps(self.meta))
         return other
 
@@ -250,13 +255,15 @@ class Sequential:
         from .predict import predict_proba
         return predict_proba(self, images, engine=engine, batch_size=batch_size)
 
-    def fit(self, data="mnist-5k", /, **options):
-        """Train in place. `data` is a dataset name, a folder, a Dataset, or (x, y) arrays.
+    def fit(self, x="mnist-5k", y=None, /, **options):
+        """Train in place on a dataset name, a folder, a Dataset, or arrays: fit(x, y, ...)
+        with uint8 images (N, H, W, C) (or floats in [0, 1]) and integer or one-hot labels.
+        A new model starts from weights seeded by `seed`; a trained one continues.
         Options are those of `cnnlab.train.TrainConfig` (epochs, batch_size, optimizer,
         lr, schedule, loss, augment, val_split, early_stopping, seed, device, engine, out).
         Returns the history: {"loss": [...], "accuracy": [...], "val_loss": [...], ...}."""
         from .train import fit
-        return fit(self, data, **options)
+        return fit(self, x if y is None else (x, y), **options)
 
     def evaluate(self, data="mnist-5k", *, engine: str = "auto", batch_size: int = 256):
         """Loss, accuracy, per-class precision/recall/F1 and confusion matrix on the test split."""

@@ -13,6 +13,9 @@ import json
 import math
 import os
 import platform
+import signal
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
@@ -29,7 +32,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULES = ("constant", "step", "cosine", "onecycle", "plateau")
 LOSSES = ("categorical_crossentropy", "sparse_categorical_crossentropy",
           "binary_crossentropy", "mse")
-ENGINES = ("torch", "numpy")
+ENGINES = ("auto", "torch", "numpy")
 PRECISIONS = ("fp32", "bf16")
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -54,7 +57,7 @@ class TrainConfig:
     lr: float = 1e-3
     momentum: float = 0.0                 # sgd, rmsprop
     nesterov: bool = False
-    weight_decay: float = 0.0
+    weight_decay: float | None = None     # None: 0, or 0.01 for adamw
     schedule: str = "constant"
     step_size: int = 10                   # step: epochs between decays
     gamma: float = 0.1                    # step / plateau: decay factor
@@ -69,7 +72,7 @@ class TrainConfig:
     early_stopping: dict | None = None    # {"monitor", "patience", "min_delta", "restore_best_weights"}
     seed: int = 0
     device: str = "auto"
-    engine: str = "torch"
+    engine: str = "auto"                  # auto: torch when installed, else numpy
     precision: str = "fp32"
     channels_last: bool = True
     out: str | None = None
@@ -97,6 +100,12 @@ class TrainConfig:
                                          f"{', '.join(SCHEDULES)}")
         need(self.loss in LOSSES, f"unknown loss {self.loss!r}; allowed: {', '.join(LOSSES)}")
         need(self.engine in ENGINES, f"unknown engine {self.engine!r}; allowed: {', '.join(ENGINES)}")
+        if self.engine == "auto":
+            from .engines import torch_available
+            self.engine = "torch" if torch_available() else "numpy"
+        need(self.weight_decay is None or self.weight_decay >= 0, "weight_decay must be >= 0")
+        need(not self.nesterov or (self.optimizer == "sgd" and self.momentum > 0),
+             "nesterov needs the sgd optimizer and a momentum > 0 (e.g. --momentum 0.9)")
         need(self.precision in PRECISIONS, f"unknown precision {self.precision!r}; allowed: "
                                            f"{', '.join(PRECISIONS)}")
         need(self.lr > 0 and math.isfinite(self.lr), f"lr must be > 0, got {self.lr}")
@@ -145,6 +154,37 @@ def scheduled_lr(cfg: TrainConfig, step: int, total_steps: int, epoch: int,
     return lr
 
 
+def resolve_loss(loss: str, model) -> str:
+    """What a loss name means for this model's output, the same in both engines:
+    'softmax_ce' (softmax cross-entropy), 'sigmoid_bce' (binary cross-entropy on a 1-unit
+    sigmoid; categorical cross-entropy on such an output means the same), or 'mse'
+    (squared error between probabilities and targets)."""
+    act, units = model.output_activation, model.output_shape[-1]
+    if act == "sigmoid" and units > 1:
+        raise TrainingError(f"a sigmoid output with {units} units means multi-label "
+                            "classification, which cnnlab does not train; end with "
+                            f"Dense({units}, activation='softmax')")
+    if loss == "mse":
+        return "mse"
+    if loss == "binary_crossentropy" and act != "sigmoid":
+        raise TrainingError("binary_crossentropy needs a 1-unit sigmoid output: "
+                            "Dense(1, activation='sigmoid')")
+    return "sigmoid_bce" if act == "sigmoid" else "softmax_ce"
+
+
+def optimizer_options(cfg) -> dict:
+    """The optimizer settings of a config, as both engines read them (PyTorch semantics;
+    AdamW's weight decay defaults to 0.01 when not given)."""
+    wd = cfg.weight_decay
+    if cfg.optimizer == "sgd":
+        return {"momentum": cfg.momentum, "nesterov": cfg.nesterov, "weight_decay": wd or 0.0}
+    if cfg.optimizer == "adamw":
+        return {"weight_decay": 0.01 if wd is None else wd}
+    if cfg.optimizer == "rmsprop":
+        return {"momentum": cfg.momentum, "weight_decay": wd or 0.0}
+    return {"weight_decay": wd or 0.0}
+
+
 def step_seed(seed: int, epoch: int, step: int = -1) -> int:
     """A distinct 63-bit seed for each (seed, epoch, step); step >= -2."""
     state = np.random.SeedSequence([seed, epoch, step + 2]).generate_state(1, np.uint64)
@@ -170,9 +210,19 @@ def prepare_data(data, cfg: TrainConfig, input_shape) -> Prepared:
     """Load the dataset, split validation data, compute standardization statistics."""
     from . import datasets
     if isinstance(data, (tuple, list)) and len(data) == 2:
-        x, y = np.asarray(data[0]), np.asarray(data[1]).astype(np.int64)
+        x, y = np.asarray(data[0]), np.asarray(data[1])
+        if y.ndim == 2:   # one-hot rows, as Keras' to_categorical makes them
+            y = y.argmax(1)
+        if y.ndim != 1 or len(y) != len(x):
+            raise TrainingError(f"labels must be (N,) integers or (N, classes) one-hot rows "
+                                f"for {len(x)} images, got shape {np.shape(data[1])}")
+        y = y.astype(np.int64)
         if x.dtype != np.uint8:
-            x = np.clip(np.round(np.asarray(x, np.float32) * 255), 0, 255).astype(np.uint8)
+            x = np.asarray(x, np.float32)
+            if x.size and (x.min() < 0 or x.max() > 1):
+                raise TrainingError(f"float images must be in [0, 1] (got {x.min():g} .. "
+                                    f"{x.max():g}); pass uint8 pixels or divide by 255")
+            x = np.round(x * 255).astype(np.uint8)
         if x.ndim == 3:
             x = x[..., None]
         n_cls = int(y.max()) + 1 if len(y) else 0
@@ -215,6 +265,36 @@ def prepare_data(data, cfg: TrainConfig, input_shape) -> Prepared:
 
 
 # the loop -----------------------------------------------------------------------------
+class _Stop(Exception):
+    pass
+
+
+class StopRequest:
+    """Ctrl-C sets a flag that the loop reads between steps, so a checkpoint never holds
+    half a step (BatchNorm statistics or RNG already moved, parameters half updated).
+    A second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (Ctrl-C again to stop at once)", file=sys.stderr,
+              flush=True)
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
 def _better(monitor, value, best, min_delta):
     if best is None:
         return True
@@ -231,9 +311,7 @@ class Trainer:
         if len(data.class_names) > n_cls or (len(data.y_train) and data.y_train.max() >= n_cls):
             raise TrainingError(f"the data has {len(data.class_names)} classes but the model's "
                                 f"output has {n_cls}; use Dense({len(data.class_names)}) last")
-        if cfg.loss == "binary_crossentropy" and model.output_shape[-1] != 1:
-            raise TrainingError("binary_crossentropy needs a 1-unit sigmoid output: "
-                                "Dense(1, activation='sigmoid')")
+        resolve_loss(cfg.loss, model)
         self.backend = backend or make_backend(model, cfg, data)
         self.steps = max(1, math.ceil(len(data.x_train) / cfg.batch_size))
         self.total_steps = self.steps * cfg.epochs
@@ -289,57 +367,73 @@ class Trainer:
         return logs
 
     def run(self):
-        cfg, d, be = self.cfg, self.data, self.backend
+        cfg, be = self.cfg, self.backend
         progress = EpochProgress(cfg.epochs, self.steps, cfg.verbose)
-        try:
-            while self.epoch < cfg.epochs and not self.stopped_early:
-                epoch = self.epoch
-                perm = np.random.default_rng(step_seed(cfg.seed, epoch)).permutation(len(d.x_train))
-                if self.step_in_epoch == 0:
-                    self.partial = [0.0, 0.0, 0.0, 0]
-                    be.seed_epoch(step_seed(cfg.seed, epoch, -2))
-                t0 = time.perf_counter()
-                progress.start_epoch(epoch, self.step_in_epoch)
-                while self.step_in_epoch < self.steps:
-                    s = self.step_in_epoch
-                    idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-                    be.set_lr(scheduled_lr(cfg, epoch * self.steps + s, self.total_steps, epoch,
-                                           self.plateau["factor"]))
-                    be.train_step(idx, step_seed(cfg.seed, epoch, s))
-                    self.step_in_epoch = s + 1
-                    if progress._progress is not None and (s % 10 == 9 or s + 1 == self.steps):
-                        self.partial = be.collect(self.partial)
-                        progress.update(s + 1, self._logs(self.partial))
+        with StopRequest() as stop:
+            try:
+                self._epochs(progress, stop)
+            except _Stop:
+                progress.close()
                 self.partial = be.collect(self.partial)
-                logs = self._logs(self.partial)
-                if d.x_val is not None:
-                    v = be.evaluate(d.x_val, d.y_val)
-                    logs.update({"val_" + k: val for k, val in v.items()})
-                logs["lr"] = be.lr
-                logs["seconds"] = round(time.perf_counter() - t0, 3)
-                progress.end_epoch({k: v for k, v in logs.items() if k != "seconds"})
-                self.history.append({"epoch": epoch + 1, **logs})
-                self.epoch, self.step_in_epoch = epoch + 1, 0
-                self._after_epoch(logs)
-                self.save_checkpoint()
+                path = self.save_checkpoint()
                 self._write_history()
-        except KeyboardInterrupt:
-            progress.close()
-            path = self.save_checkpoint()
-            self._write_history()
-            where = f"epoch {self.epoch + 1}, step {self.step_in_epoch}/{self.steps}"
-            if path is None:
-                raise TrainingInterrupted(f"interrupted at {where}; no run directory, "
-                                          "nothing saved") from None
-            self._write_model()
-            raise TrainingInterrupted(
-                f"interrupted at {where}; checkpoint saved to {path}\n"
-                f"resume with: cnnlab train --resume {self.run_dir}") from None
+                where = f"epoch {self.epoch + 1}, step {self.step_in_epoch}/{self.steps}"
+                if path is None:
+                    raise TrainingInterrupted(f"interrupted at {where}; no run directory, "
+                                              "nothing saved") from None
+                self._write_model()
+                raise TrainingInterrupted(
+                    f"interrupted at {where}; checkpoint saved to {path}\n"
+                    f"resume with: cnnlab train --resume {self.run_dir}") from None
+            except KeyboardInterrupt:  # a second Ctrl-C: stop at once, keep the last checkpoint
+                progress.close()
+                ckpt = None if self.run_dir is None else self.run_dir / CHECKPOINT
+                if ckpt is not None and ckpt.exists():
+                    raise TrainingInterrupted(
+                        f"stopped at once; the checkpoint of the last finished epoch is in "
+                        f"{ckpt}\nresume with: cnnlab train --resume {self.run_dir}") from None
+                raise TrainingInterrupted("stopped at once; nothing saved") from None
         if self.best_weights is not None and (self.cfg.early_stopping or {}).get(
                 "restore_best_weights"):
             be.set_weights(self.best_weights)
         self.model.set_weights(be.export_weights())
         return self.history
+
+    def _epochs(self, progress, stop):
+        cfg, d, be = self.cfg, self.data, self.backend
+        while self.epoch < cfg.epochs and not self.stopped_early:
+            epoch = self.epoch
+            perm = np.random.default_rng(step_seed(cfg.seed, epoch)).permutation(len(d.x_train))
+            if self.step_in_epoch == 0:
+                self.partial = [0.0, 0.0, 0.0, 0]
+                be.seed_epoch(step_seed(cfg.seed, epoch, -2))
+            t0 = time.perf_counter()
+            progress.start_epoch(epoch, self.step_in_epoch)
+            while self.step_in_epoch < self.steps:
+                if stop.requested:   # only ever between two steps
+                    raise _Stop
+                s = self.step_in_epoch
+                idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+                be.set_lr(scheduled_lr(cfg, epoch * self.steps + s, self.total_steps, epoch,
+                                       self.plateau["factor"]))
+                be.train_step(idx, step_seed(cfg.seed, epoch, s))
+                self.step_in_epoch = s + 1
+                if progress._progress is not None and (s % 10 == 9 or s + 1 == self.steps):
+                    self.partial = be.collect(self.partial)
+                    progress.update(s + 1, self._logs(self.partial))
+            self.partial = be.collect(self.partial)
+            logs = self._logs(self.partial)
+            if d.x_val is not None:
+                v = be.evaluate(d.x_val, d.y_val)
+                logs.update({"val_" + k: val for k, val in v.items()})
+            logs["lr"] = be.lr
+            logs["seconds"] = round(time.perf_counter() - t0, 3)
+            progress.end_epoch({k: v for k, v in logs.items() if k != "seconds"})
+            self.history.append({"epoch": epoch + 1, **logs})
+            self.epoch, self.step_in_epoch = epoch + 1, 0
+            self._after_epoch(logs)
+            self.save_checkpoint()
+            self._write_history()
 
     def _after_epoch(self, logs):
         cfg = self.cfg
@@ -385,6 +479,8 @@ class Trainer:
 
     def _write_model(self):
         self.model.set_weights(self.backend.export_weights())
+        self.model.meta["training"] = {"dataset": self.cfg.data, "epochs": self.epoch,
+                                       "engine": self.cfg.engine, "interrupted": True}
         self.model.save(self.run_dir / "model.safetensors")
 
 
@@ -421,18 +517,15 @@ def fit(model, data="mnist-5k", /, *, resume: str | os.PathLike | None = None, *
     """
     if resume is not None:
         return resume_run(resume, model=model)
-    if not isinstance(data, (str, os.PathLike, tuple, list)) and hasattr(data, "name"):
-        options.setdefault("data", data.name)
-    elif isinstance(data, (str, os.PathLike)):
-        options.setdefault("data", str(data))
-    else:
-        options.setdefault("data", "arrays")
+    options.setdefault("data", _data_name(data))
     cfg = TrainConfig.from_dict(options).check()
     prepared = prepare_data(data, cfg, model.input_shape)
-    model.init_weights(cfg.seed)
+    if model.fresh:  # a new model starts from seeded weights; a trained one continues
+        model.init_weights(cfg.seed)
     model.meta.update({"class_names": prepared.class_names,
                        "preprocessing": prepared.preprocessing})
     run_dir = Path(cfg.out) if cfg.out else None
+    trainer = Trainer(model, cfg, prepared, run_dir)   # checks everything before writing
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         config = {"train": asdict(cfg), "model": model.get_config(),
@@ -443,10 +536,25 @@ def fit(model, data="mnist-5k", /, *, resume: str | os.PathLike | None = None, *
               f"{cfg.epochs} epochs, batch {cfg.batch_size}, {cfg.optimizer} lr {cfg.lr:g}, "
               f"engine {cfg.engine}")
         print(f"Validation: {prepared.val_source}")
-    trainer = Trainer(model, cfg, prepared, run_dir)
-    if cfg.verbose and cfg.engine == "torch":
+        if cfg.val_split == 0 and (cfg.early_stopping or cfg.schedule == "plateau"):
+            print("Note: early stopping / plateau decisions then look at the test split, so the "
+                  "final test accuracy is optimistic; --val-split 0.1 keeps it honest")
         print(f"Device: {trainer.backend.device_info}")
     return _finish(trainer)
+
+
+def _data_name(data) -> str:
+    """How config.json names the data: a dataset name, or a folder's absolute path."""
+    from .datasets import DATASETS
+    if isinstance(data, (tuple, list)):
+        return "arrays"
+    if isinstance(data, (str, os.PathLike)):
+        name = str(data)
+    else:
+        name = data.name if data.name in DATASETS else str(getattr(data, "source", data.name))
+    if name not in DATASETS and Path(name).is_dir():
+        return str(Path(name).resolve())
+    return name
 
 
 def resume_run(run_dir, model=None):
@@ -457,6 +565,8 @@ def resume_run(run_dir, model=None):
     if not ckpt.exists():
         raise TrainingError(f"{run_dir}: no {CHECKPOINT} to resume from")
     _, meta = unpack(ckpt)
+    if meta.get("format") != "cnnlab-checkpoint":
+        raise TrainingError(f"{ckpt}: not a cnnlab checkpoint")
     cfg = TrainConfig.from_dict(meta["trainer"]["config"]).check()
     if model is None:
         model = Sequential.from_config(meta["model"])
@@ -476,7 +586,8 @@ def resume_run(run_dir, model=None):
 def _finish(trainer: Trainer):
     model, cfg, d = trainer.model, trainer.cfg, trainer.data
     history = trainer.run()
-    summary = {"dataset": d.name, "epochs": len(history), "engine": cfg.engine,
+    summary = {"dataset": cfg.data if cfg.data != "arrays" else d.name,
+               "epochs": len(history), "engine": cfg.engine,
                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "train_images": int(len(d.x_train))}
     if d.x_test is not None:

@@ -12,18 +12,7 @@ from ..preprocess import apply
 from . import numpy_ops as ops
 from .numpy_engine import NumpyEngine
 from .numpy_optim import make_optimizer
-
-
-def optimizer_options(cfg) -> dict:
-    """The training config's optimizer settings, as both engines read them."""
-    if cfg.optimizer == "sgd":
-        return {"momentum": cfg.momentum, "nesterov": cfg.nesterov,
-                "weight_decay": cfg.weight_decay}
-    if cfg.optimizer == "adamw":
-        return {"weight_decay": cfg.weight_decay or 0.01}
-    if cfg.optimizer == "rmsprop":
-        return {"momentum": cfg.momentum, "weight_decay": cfg.weight_decay}
-    return {"weight_decay": cfg.weight_decay}
+from ..train import optimizer_options
 
 
 class NumpyBackend:
@@ -51,7 +40,11 @@ class NumpyBackend:
         self.engine.rng = np.random.default_rng(seed)
 
     def _augment(self, xb, seed):
-        import torch  # augmentation is written as tensor operations
+        try:
+            import torch  # augmentation is written as tensor operations
+        except ImportError:
+            raise ValueError("augmentation needs PyTorch, which is not installed; "
+                             "train without --augment (or --augment none)") from None
         from ..augment import augment
         t = torch.from_numpy(xb).permute(0, 3, 1, 2)
         t = augment(t, self.cfg.augment, torch.Generator().manual_seed(seed))
@@ -115,8 +108,8 @@ class NumpyBackend:
 
     def load_state(self, tensors, meta):
         if meta.get("engine") != "numpy":
-            raise ValueError("this checkpoint was written by the torch engine; resume it "
-                             "with --engine torch")
+            raise ValueError("this checkpoint was written by the torch engine; it resumes "
+                             "with the engine that wrote it")
         self.set_weights({k[2:]: v for k, v in tensors.items() if k.startswith("w.")})
         self.opt.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("opt.")},
                                  meta["optimizer"])

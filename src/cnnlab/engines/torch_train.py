@@ -12,35 +12,28 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..train import optimizer_options, resolve_loss
 from .torch_engine import TorchNet, export_weights, load_weights, param_names, resolve_device
 
 
 def make_torch_optimizer(cfg, params):
-    name = cfg.optimizer
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                               weight_decay=cfg.weight_decay)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay or 0.01)
-    if name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=cfg.lr, momentum=cfg.momentum,
-                                   weight_decay=cfg.weight_decay)
-    raise ValueError(name)
+    opts = optimizer_options(cfg)
+    make = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
+            "rmsprop": torch.optim.RMSprop}[cfg.optimizer]
+    return make(params, lr=cfg.lr, **opts)
 
 
-def loss_fn(name, model, logits, y, label_smoothing=0.0):
-    """Mean loss over the batch, from logits (the final softmax/sigmoid is fused in)."""
-    if name in ("categorical_crossentropy", "sparse_categorical_crossentropy"):
+def loss_fn(kind, logits, y, label_smoothing=0.0):
+    """Mean loss over the batch from logits; `kind` comes from train.resolve_loss."""
+    if kind == "softmax_ce":
         return F.cross_entropy(logits, y, label_smoothing=label_smoothing)
-    if name == "binary_crossentropy":  # Keras-style smoothing: t = y (1 - ls) + ls / 2
+    if kind == "sigmoid_bce":  # Keras-style smoothing: t = y (1 - ls) + ls / 2
         t = y.to(logits.dtype) * (1 - label_smoothing) + label_smoothing / 2
         return F.binary_cross_entropy_with_logits(logits[:, 0], t)
-    if name == "mse":  # squared error between probabilities and one-hot targets
-        probs = torch.softmax(logits, dim=1)
-        return F.mse_loss(probs, F.one_hot(y, probs.shape[1]).to(probs.dtype))
-    raise ValueError(name)
+    if logits.shape[1] == 1:  # mse on a sigmoid unit: against the 0/1 label
+        return F.mse_loss(torch.sigmoid(logits[:, 0]), y.to(logits.dtype))
+    probs = torch.softmax(logits, dim=1)  # mse: probabilities against one-hot targets
+    return F.mse_loss(probs, F.one_hot(y, probs.shape[1]).to(probs.dtype))
 
 
 def predictions(model, logits):
@@ -70,6 +63,7 @@ class TorchBackend:
         self.inv_std = (1 / torch.tensor(prep["std"], dtype=torch.float32,
                                          device=self.device)).view(1, c, 1, 1)
         self.autocast = cfg.precision == "bf16"
+        self.loss_kind = resolve_loss(cfg.loss, model)
         self.sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         self.seen = 0
         self.top5 = model.num_classes > 5
@@ -110,7 +104,7 @@ class TorchBackend:
             xb = augment(xb, self.cfg.augment, g)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             logits = self.net(xb)
-            loss = loss_fn(self.cfg.loss, self.model, logits.float(), yb, self.cfg.label_smoothing)
+            loss = loss_fn(self.loss_kind, logits.float(), yb, self.cfg.label_smoothing)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -139,7 +133,7 @@ class TorchBackend:
             yb = torch.from_numpy(y[i:i + batch_size]).to(self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 logits = self.net(xb).float()
-            sums[0] += loss_fn(self.cfg.loss, self.model, logits, yb).double() * len(yb)
+            sums[0] += loss_fn(self.loss_kind, logits, yb).double() * len(yb)
             sums[1] += (predictions(self.model, logits) == yb).sum()
             if self.top5:
                 sums[2] += (logits.topk(5, dim=1).indices == yb[:, None]).any(1).sum()

@@ -196,8 +196,9 @@ def write_report(model, data=None, out=None, *, history=None, images=16, engine=
     out = Path(out) if out is not None else default_out(path)
     x, y, names, data_name = test_split(model, data, data_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("[0-9][0-9]-*.png"):  # figures of an earlier report
-        old.unlink()
+    if (out / "index.html").is_file():  # only a folder that holds an earlier report
+        for old in out.glob("[0-9][0-9]-*.png"):
+            old.unlink()
     eng = engine_for(model, engine)
     convs = conv_layers(model)
     step = Progress(6 + len(convs) + bool(convs) + (history is not None), progress)
