@@ -141,3 +141,23 @@ def test_folder_training_with_a_json_model_resizes_and_remembers_the_folder(tmp_
     assert json.loads(r.stdout)["images"] > 0
     r = cnnlab("train", model_json, "--data", root, "--out", out, cwd=tmp_path)
     assert r.returncode == 1 and "already holds a run" in r.stderr
+
+
+def test_predict_reads_canvas_exports_like_drawn_digits(run_dir, tmp_path):
+    """Dark ink on a transparent background (what a canvas exports) is read as MNIST."""
+    from cnnlab import datasets
+    ds = datasets.load("mnist-5k")
+    paths = []
+    for i in range(10):
+        ink = ds.x_test[i, :, :, 0]
+        rgba = np.zeros((28, 28, 4), np.uint8)
+        rgba[..., 3] = ink                           # black strokes, alpha = ink
+        img = Image.fromarray(rgba, "RGBA").resize((200, 200), Image.LANCZOS)
+        paths.append(tmp_path / f"canvas{i}.png")
+        img.save(paths[-1])
+    raw = json.loads(cnnlab("predict", run_dir, *[tmp_path / f"canvas{i}.png" for i in range(10)],
+                            "--json").stdout)
+    labels = [int(p["top"][0]["label"]) for p in raw["predictions"]]
+    assert np.mean(np.array(labels) == ds.y_test[:10]) >= 0.8
+    plain = json.loads(cnnlab("predict", run_dir, *paths, "--json", "--mode", "resize").stdout)
+    assert len({p["top"][0]["label"] for p in plain["predictions"]}) <= 2   # all black: one guess

@@ -115,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model file or run directory")
     p.add_argument("images", nargs="+", help="image files (any size or mode)")
     p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--mode", choices=["auto", "drawing", "resize"], default="auto",
+                   help="drawing: the MNIST steps (ink light on dark, cropped, 20 px box, "
+                        "centred by mass) for handwriting photos and canvas exports; resize: "
+                        "plain resize; auto (default): drawing for 28x28 grey models")
     p.add_argument("--json", action="store_true", help="print JSON")
     _add_engine(p)
 
@@ -288,17 +292,22 @@ def cmd_evaluate(args):
 
 def cmd_predict(args):
     import numpy as np
-    from .datasets import DatasetError, load_image
     from .predict import predict_proba, top_k
+    from .serve.drawing import ImageInputError, prepare
     model = load_model_arg(args.model)
     good, arrays, failed = [], [], []
     for path in args.images:
         try:
-            arrays.append(load_image(path, model.input_shape))
+            with open(path, "rb") as f:
+                image, _ = prepare(model, f.read(), args.mode)
+            if image is None:
+                raise ImageInputError("the image is blank: nothing to classify")
+            arrays.append(image)
             good.append(path)
-        except DatasetError as e:
-            failed.append((path, str(e)))
-            print(f"error: {e}", file=sys.stderr)
+        except (ImageInputError, OSError) as e:
+            msg = f"{path}: {e.strerror if isinstance(e, OSError) and e.strerror else e}"
+            failed.append((path, msg))
+            print(f"error: {msg}", file=sys.stderr)
     results = []
     if arrays:
         probs = predict_proba(model, np.stack(arrays), engine=args.engine)
