@@ -96,7 +96,8 @@ MODELS = {
                                       batch_size=128, standardize=True,
                                       description="tutorial CIFAR-10 basic model (~80%)")),
     "cifar-improved": (cifar_improved, dict(data="cifar10", optimizer="adam", lr=1e-3,
-                                            epochs=50, batch_size=128, standardize=True,
+                                            schedule="cosine", epochs=30, batch_size=128,
+                                            standardize=True,
                                             augment=_FLIP_SHIFT,
                                             description="two more convolutions + augmentation "
                                                         "(~85%)")),
