@@ -8,12 +8,12 @@ Tensors are named "<layer>.<param>" in Keras layout (float32). No pickle anywher
 from __future__ import annotations
 
 import json
-import os
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from .atomic import atomic_writer
 
 FORMAT = "cnnlab-model"
 FORMAT_VERSION = 1
@@ -25,21 +25,8 @@ class ModelFileError(Exception):
 
 def atomic_write_bytes(path, data: bytes):
     """Write to a temporary file beside `path`, fsync, then rename over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_writer(path) as f:
+        f.write(data)
 
 
 def pack(tensors: dict, metadata: dict) -> bytes:

@@ -11,11 +11,11 @@ import hashlib
 import http.client
 import os
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+from ..atomic import atomic_writer
 from .base import DatasetError
 
 TIMEOUT = 30.0  # seconds without data before giving up
@@ -67,51 +67,45 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _fetch(url, f, h, name, progress, timeout):
+    """Stream url into the open file f, updating the hash h; DownloadError on failure."""
+    got, total = 0, None
+    try:
+        req = urllib.request.Request(url, headers={"User-Agent": "cnnlab"})
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            length = resp.headers.get("Content-Length", "")
+            total = int(length) if length.strip().isdigit() else None
+            bar = progress_bar(total, name, progress)
+            try:
+                while chunk := resp.read(CHUNK):
+                    f.write(chunk)
+                    h.update(chunk)
+                    got += len(chunk)
+                    bar.update(len(chunk))
+            finally:
+                bar.close()
+    except urllib.error.HTTPError as e:
+        raise DownloadError(f"HTTP {e.code} {e.reason}") from None
+    except urllib.error.URLError as e:
+        raise DownloadError(f"cannot connect: {e.reason}") from None
+    except (http.client.HTTPException, OSError) as e:  # cut connection, timeout, reset
+        raise DownloadError(f"connection failed after {got} bytes: {e or type(e).__name__}") from None
+    if total is not None and got != total:
+        raise DownloadError(f"connection closed after {got} of {total} bytes")
+
+
 def download_file(url: str, dest, md5: str | None = None, progress: bool = True,
                   timeout: float = TIMEOUT) -> Path:
     """Fetch url into dest (atomically); raise DownloadError with the reason on failure."""
     dest = Path(dest)
+    h = hashlib.md5(usedforsecurity=False)
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+        with atomic_writer(dest, suffix=".part") as f:  # a failure leaves no partial file
+            _fetch(url, f, h, dest.name, progress, timeout)
+            if md5 and h.hexdigest() != md5.lower():
+                raise DownloadError(f"checksum mismatch: got md5 {h.hexdigest()}, "
+                                    f"expected {md5}")
     except OSError as e:
         raise DownloadError(f"cannot write to {dest.parent}: {e.strerror or e}") from None
-    try:
-        h = hashlib.md5(usedforsecurity=False)
-        got, total = 0, None
-        with os.fdopen(fd, "wb") as f:
-            try:
-                req = urllib.request.Request(url, headers={"User-Agent": "cnnlab"})
-                with urllib.request.urlopen(req, timeout=timeout) as resp:
-                    length = resp.headers.get("Content-Length", "")
-                    total = int(length) if length.strip().isdigit() else None
-                    bar = progress_bar(total, dest.name, progress)
-                    try:
-                        while chunk := resp.read(CHUNK):
-                            f.write(chunk)
-                            h.update(chunk)
-                            got += len(chunk)
-                            bar.update(len(chunk))
-                    finally:
-                        bar.close()
-            except urllib.error.HTTPError as e:
-                raise DownloadError(f"HTTP {e.code} {e.reason}") from None
-            except urllib.error.URLError as e:
-                raise DownloadError(f"cannot connect: {e.reason}") from None
-            except (http.client.HTTPException, OSError) as e:  # cut connection, timeout, reset
-                raise DownloadError(f"connection failed after {got} bytes: {e or type(e).__name__}") from None
-            if total is not None and got != total:
-                raise DownloadError(f"connection closed after {got} of {total} bytes")
-            f.flush()
-            os.fsync(f.fileno())
-        if md5 and h.hexdigest() != md5.lower():
-            raise DownloadError(f"checksum mismatch: got md5 {h.hexdigest()}, expected {md5}")
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
     _fsync_dir(dest.parent)
     return dest
