@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import warnings
 
 import numpy as np
@@ -67,37 +68,50 @@ def _grey_palette(img: Image.Image) -> bool:
     return all(pal[i] == pal[i + 1] == pal[i + 2] for i in range(0, len(pal) - 2, 3))
 
 
-def open_image(src) -> Image.Image:
-    """Open and fully decode one image ('L' or 'RGB'), or raise DatasetError naming it."""
-    name = _name(src)
+def decode_image(src, max_pixels: int | None = None, name: str | None = None) -> Image.Image:
+    """Open and fully decode the first frame of an image (a path, file object or bytes),
+    EXIF orientation applied. The pixel count is checked from the header before any
+    pixel is decoded (decompression bombs). Raises DatasetError naming the image."""
+    name = name or _name(src)
+    max_pixels = max_pixels or MAX_PIXELS
     if isinstance(src, (bytes, bytearray)):
+        if not src:
+            raise DatasetError(f"{name}: the image is empty (0 bytes)")
         src = io.BytesIO(src)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(src) as opened:
                 w, h = opened.size
-                if w * h > MAX_PIXELS:
-                    raise DatasetError(f"{name}: image too large ({w}x{h} = {w * h / 1e6:.0f} MP, "
-                                       f"limit {MAX_PIXELS / 1e6:.0f} MP)")
+                if w < 1 or h < 1:
+                    raise DatasetError(f"{name}: the image has no pixels ({w}x{h})")
+                if w * h > max_pixels:
+                    raise DatasetError(f"{name}: image too large ({w}x{h}; at most "
+                                       f"{max_pixels / 1e6:g} megapixels)")
                 opened.seek(0)
                 opened.load()
                 try:
                     img = ImageOps.exif_transpose(opened)
                 except Exception:  # broken EXIF: keep the stored orientation
                     img = opened
-                out = _flatten(img)
-                return out.copy() if out is opened else out  # opened is closed on exit
+                return opened.copy() if img is opened else img  # opened is closed on exit
     except DatasetError:
         raise
-    except Image.DecompressionBombError as e:
-        raise DatasetError(f"{name}: image too large: {e}") from None
+    except Image.DecompressionBombError:
+        raise DatasetError(f"{name}: image too large (decompression bomb guard)") from None
     except UnidentifiedImageError:
         raise DatasetError(f"{name}: not an image Pillow can read") from None
     except FileNotFoundError:
         raise DatasetError(f"{name}: no such file") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as e:
-        raise DatasetError(f"{name}: cannot read image (truncated or corrupt?): {e}") from None
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, struct.error,
+            MemoryError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DatasetError(f"{name}: cannot read image (truncated or corrupt?): {msg}") from None
+
+
+def open_image(src) -> Image.Image:
+    """Open and fully decode one image as 'L' or 'RGB', or raise DatasetError naming it."""
+    return _flatten(decode_image(src))
 
 
 def image_to_array(img: Image.Image, size=None, channels=None) -> np.ndarray:

@@ -34,11 +34,9 @@ import base64
 import binascii
 import io
 import re
-import struct
-import warnings
 
 import numpy as np
-from PIL import Image, ImageOps, ImageStat, UnidentifiedImageError
+from PIL import Image, ImageStat
 
 MAX_PIXELS = 12_000_000  # e.g. a 4000x3000 photo; larger images are refused unread
 MIN_CONTRAST = 24        # grey levels between background and ink below which nothing is drawn
@@ -76,35 +74,12 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Bytes -> a decoded Pillow image (first frame, EXIF orientation applied).
 
     The size is checked from the header before any pixel is decoded."""
-    if not data:
-        raise ImageInputError("the image is empty (0 bytes)")
+    from ..datasets import DatasetError
+    from ..datasets.images import decode_image
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            w, h = img.size
-            if w < 1 or h < 1:
-                raise ImageInputError(f"the image has no pixels ({w}x{h})")
-            if w * h > max_pixels:
-                raise ImageInputError(f"the image is too large ({w}x{h}; at most "
-                                      f"{max_pixels / 1e6:g} megapixels)")
-            img.seek(0)
-            img.load()
-            try:
-                img = ImageOps.exif_transpose(img)
-            except Exception:  # broken EXIF: keep the stored orientation
-                pass
-            return img
-    except ImageInputError:
-        raise
-    except Image.DecompressionBombError:
-        raise ImageInputError("the image is too large (decompression bomb guard)") from None
-    except UnidentifiedImageError:
-        raise ImageInputError("not an image (PNG, JPEG, GIF, BMP, WebP... expected)") from None
-    except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError,
-            struct.error, MemoryError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ImageInputError(f"cannot decode the image (truncated or corrupt?): {msg}") from None
+        return decode_image(data, max_pixels, name="upload")
+    except DatasetError as e:
+        raise ImageInputError(str(e)) from None
 
 
 def _has_alpha(img: Image.Image) -> bool:
