@@ -408,6 +408,9 @@ def main(argv=None) -> int:
     except (CLIError, DatasetError, ModelFileError, ModelError, TrainingError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # e.g. piped into head: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except ImportError as e:
         print(f"error: {e.name or e} is not installed; the torch engine needs PyTorch "
               "(use --engine numpy)", file=sys.stderr)
@@ -416,9 +419,6 @@ def main(argv=None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
 
 
 if __name__ == "__main__":
