@@ -109,13 +109,15 @@ class TorchBackend:
         loss.backward()
         self.opt.step()
         with torch.no_grad():
-            n = len(idx)
-            self.sums[0] += loss.detach().double() * n
-            self.sums[1] += (predictions(self.model, logits) == yb).sum()
-            if self.top5:
-                top = logits.topk(5, dim=1).indices
-                self.sums[2] += (top == yb[:, None]).any(1).sum()
-            self.seen += n
+            self._count(self.sums, loss, logits, yb)
+            self.seen += len(idx)
+
+    def _count(self, sums, loss, logits, y):
+        """Add the batch's loss sum, correct and top-5 correct counts (on the device)."""
+        sums[0] += loss.detach().double() * len(y)
+        sums[1] += (predictions(self.model, logits) == y).sum()
+        if self.top5:
+            sums[2] += (logits.topk(5, dim=1).indices == y[:, None]).any(1).sum()
 
     def collect(self, partial):
         s = self.sums.tolist()
@@ -133,10 +135,7 @@ class TorchBackend:
             yb = torch.from_numpy(y[i:i + batch_size]).to(self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 logits = self.net(xb).float()
-            sums[0] += loss_fn(self.loss_kind, logits, yb).double() * len(yb)
-            sums[1] += (predictions(self.model, logits) == yb).sum()
-            if self.top5:
-                sums[2] += (logits.topk(5, dim=1).indices == yb[:, None]).any(1).sum()
+            self._count(sums, loss_fn(self.loss_kind, logits, yb), logits, yb)
         n = max(len(y), 1)
         s = sums.tolist()
         out = {"loss": s[0] / n, "accuracy": s[1] / n}
