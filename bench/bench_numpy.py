@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import write_section  # noqa: E402
 
 from cnnlab import zoo  # noqa: E402
-from cnnlab.engines import numpy_ops as ops  # noqa: E402
-from cnnlab.engines.numpy_engine import NumpyEngine  # noqa: E402
+from cnnlab.engines.numpy import ops  # noqa: E402
+from cnnlab.engines.numpy.engine import NumpyEngine  # noqa: E402
 from cnnlab.layers import Conv2D  # noqa: E402
 
 torch.set_num_threads(args.threads)

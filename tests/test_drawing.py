@@ -1,4 +1,4 @@
-"""The drawing preprocessing of `cnnlab serve` (cnnlab.serve.drawing)."""
+"""The drawing preprocessing of `cnnlab serve` (cnnlab.inputs.drawing)."""
 from __future__ import annotations
 
 import base64
@@ -13,8 +13,8 @@ from PIL import Image, ImageDraw
 
 from cnnlab import datasets, zoo
 from cnnlab.model import Sequential
-from cnnlab.serve import drawing
-from cnnlab.serve.drawing import ImageInputError
+from cnnlab.inputs import drawing
+from cnnlab.inputs.drawing import ImageInputError
 
 SIZE = 280
 

@@ -19,7 +19,7 @@ from cnnlab.engines import torch_available
 
 ENGINES = ["torch"] if torch_available() else []
 try:
-    from cnnlab.engines.numpy_engine import NumpyEngine  # noqa: F401
+    from cnnlab.engines.numpy.engine import NumpyEngine  # noqa: F401
     ENGINES.append("numpy")
 except ImportError:
     pass

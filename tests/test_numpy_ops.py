@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cnnlab.engines import numpy_ops as ops
+from cnnlab.engines.numpy import ops
 
 PADDINGS = ["valid", "same", "full", 1, (2, 0)]
 STRIDES = [1, 2, (2, 1)]

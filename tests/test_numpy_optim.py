@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from cnnlab.engines.numpy_optim import OPTIMIZERS, make_optimizer
+from cnnlab.engines.numpy.optim import OPTIMIZERS, make_optimizer
 
 TORCH = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
          "rmsprop": torch.optim.RMSprop}

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from cnnlab import datasets, zoo
-from cnnlab.engines.numpy_engine import NumpyEngine
-from cnnlab.engines.torch_engine import TorchEngine
+from cnnlab.engines.numpy.engine import NumpyEngine
+from cnnlab.engines.torch.engine import TorchEngine
 from cnnlab.fileformat import load
 from cnnlab.layers import BatchNorm, Conv2D, Dense, Dropout, Flatten, Input, MaxPool2D
 from cnnlab.model import Sequential
@@ -65,7 +65,7 @@ def test_numpy_resume_after_ctrl_c_is_exact(mnist5k, tmp_path, monkeypatch):
     common = dict(epochs=2, batch_size=32, seed=4, engine="numpy", verbose=0, data="mnist-5k")
     ref = net()
     ref_hist = fit(ref, ds, **common)
-    from cnnlab.engines import numpy_train
+    from cnnlab.engines.numpy import backend as numpy_train
     real = numpy_train.NumpyBackend.train_step
     calls = {"n": 0}
     def step(self, idx, seed):

@@ -164,7 +164,7 @@ def expected(model_path, data: bytes):
     from cnnlab.engines import get_engine
     from cnnlab.fileformat import load
     from cnnlab.preprocess import apply, preprocessing_of
-    from cnnlab.serve import drawing
+    from cnnlab.inputs import drawing
     m = load(model_path)
     x, _ = drawing.prepare(m, data)
     return x, get_engine(m, "numpy").predict_proba(apply(preprocessing_of(m), x[None]))[0]
@@ -174,7 +174,7 @@ def expected_activations(model_path, data: bytes):
     from cnnlab.engines import get_engine
     from cnnlab.fileformat import load
     from cnnlab.preprocess import apply, preprocessing_of
-    from cnnlab.serve import drawing
+    from cnnlab.inputs import drawing
     m = load(model_path)
     x, _ = drawing.prepare(m, data)
     return get_engine(m, "numpy").activations(apply(preprocessing_of(m), x[None]))

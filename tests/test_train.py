@@ -78,7 +78,7 @@ def test_resume_after_ctrl_c_equals_uninterrupted(mnist5k, tmp_path, monkeypatch
     ref = net()
     ref_hist = fit(ref, ds, **common)
 
-    from cnnlab.engines import torch_train
+    from cnnlab.engines.torch import backend as torch_train
     real_init = torch_train.TorchBackend.__init__
     stopper = Interrupt(at=10)          # 10th step = epoch 2, step 3 (7 steps per epoch)
     def init(self, *a, **k):

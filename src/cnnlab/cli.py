@@ -293,7 +293,7 @@ def cmd_evaluate(args):
 def cmd_predict(args):
     import numpy as np
     from .predict import predict_proba, top_k
-    from .serve.drawing import ImageInputError, prepare
+    from .inputs.drawing import ImageInputError, prepare
     model = load_model_arg(args.model)
     good, arrays, failed = [], [], []
     for path in args.images:

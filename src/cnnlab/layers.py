@@ -2,7 +2,7 @@
 
 A layer here holds only its configuration (Keras names, arguments and
 defaults), computes its output shape and lists its parameters. The math lives
-in the engines (`cnnlab.engines.numpy_ops`, `cnnlab.engines.torch_engine`),
+in the engines (`cnnlab.engines.numpy.ops`, `cnnlab.engines.torch.engine`),
 which both read these descriptions. Shapes are channels-last, (H, W, C), as in
 Keras, and weights use Keras' layouts:
 

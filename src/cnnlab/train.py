@@ -2,7 +2,7 @@
 
 The loop (`Trainer.run`) owns epochs, shuffling, the learning-rate schedule, the
 progress display, validation, early stopping and checkpoints. An engine backend
-(`cnnlab.engines.torch_train.TorchBackend` or the NumPy one) owns the math of one
+(`cnnlab.engines.torch.backend.TorchBackend` or the NumPy one) owns the math of one
 step. Everything random is derived from (seed, epoch, step), so a run resumed from
 any checkpoint ends with the same weights as an uninterrupted one.
 """
@@ -486,9 +486,9 @@ class Trainer:
 
 def make_backend(model, cfg, data):
     if cfg.engine == "numpy":
-        from .engines.numpy_train import NumpyBackend
+        from .engines.numpy.backend import NumpyBackend
         return NumpyBackend(model, cfg, data)
-    from .engines.torch_train import TorchBackend
+    from .engines.torch.backend import TorchBackend
     return TorchBackend(model, cfg, data)
 
 

@@ -24,7 +24,7 @@ def get_engine(model, engine: str = "auto", device: str = "cpu"):
         if not torch_available():
             raise ValueError("the torch engine needs PyTorch, which is not installed; "
                              "use --engine numpy")
-        from .torch_engine import TorchEngine
+        from .torch.engine import TorchEngine
         return TorchEngine(model, device=device)
-    from .numpy_engine import NumpyEngine
+    from .numpy.engine import NumpyEngine
     return NumpyEngine(model)

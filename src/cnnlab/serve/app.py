@@ -54,7 +54,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import drawing
+from ..inputs import drawing
 
 MAX_BYTES = 10 * 1024 * 1024  # request body limit (a data URL is 4/3 of the image)
 TOP_K = 5

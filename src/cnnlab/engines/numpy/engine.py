@@ -1,7 +1,7 @@
-"""The NumPy engine: runs a Sequential layer by layer with the ops of numpy_ops.
+"""The NumPy engine: runs a Sequential layer by layer with the ops of ops.py.
 
 The engine only walks the layers; every forward and backward formula lives in
-numpy_ops. Images are NHWC float arrays, already preprocessed. Weights are read from
+ops.py. Images are NHWC float arrays, already preprocessed. Weights are read from
 model.weights (Keras layouts) at each call, so the engine always sees the current ones.
 
 The network's output is the logits: the final softmax/sigmoid (the one at
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import numpy_ops as ops
+from . import ops
 
 
 class NumpyEngine:

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import layers as L
+from ... import layers as L
 
 LEAKY_SLOPE = 0.2  # Keras 3 default negative slope
 

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..train import optimizer_options, resolve_loss
-from .torch_engine import TorchNet, export_weights, load_weights, param_names, resolve_device
+from ...train import optimizer_options, resolve_loss
+from .engine import TorchNet, export_weights, load_weights, param_names, resolve_device
 
 
 def make_torch_optimizer(cfg, params):
@@ -99,7 +99,7 @@ class TorchBackend:
         ii = torch.from_numpy(idx).to(self.device)
         xb, yb = self._batch(self.x.index_select(0, ii)), self.y.index_select(0, ii)
         if self.cfg.augment:
-            from ..augment import augment
+            from ...augment import augment
             g = torch.Generator(device="cpu").manual_seed(seed)
             xb = augment(xb, self.cfg.augment, g)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..preprocess import apply
-from . import numpy_ops as ops
-from .numpy_engine import NumpyEngine
-from .numpy_optim import make_optimizer
-from ..train import optimizer_options
+from ...preprocess import apply
+from . import ops
+from .engine import NumpyEngine
+from .optim import make_optimizer
+from ...train import optimizer_options
 
 
 class NumpyBackend:
@@ -45,7 +45,7 @@ class NumpyBackend:
         except ImportError:
             raise ValueError("augmentation needs PyTorch, which is not installed; "
                              "train without --augment (or --augment none)") from None
-        from ..augment import augment
+        from ...augment import augment
         t = torch.from_numpy(xb).permute(0, 3, 1, 2)
         t = augment(t, self.cfg.augment, torch.Generator().manual_seed(seed))
         return np.ascontiguousarray(t.permute(0, 2, 3, 1).numpy())

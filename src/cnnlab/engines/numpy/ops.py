@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from ..layers import pad_amounts
+from ...layers import pad_amounts
 
 LEAKY_RELU_SLOPE = 0.2  # keras.activations.leaky_relu default negative_slope (Keras 3)
 ELU_ALPHA = 1.0

@@ -1,0 +1,1 @@
+"""The from-scratch NumPy engine: ops (forward/backward pairs), engine, optimizers, training backend."""

@@ -1,0 +1,1 @@
+"""The PyTorch engine: network, engine and training backend."""
