@@ -18,7 +18,7 @@ sys.path.insert(0, str(HERE))
 from results import SHARED_DATASETS, machine, write_section  # noqa: E402
 
 from cnnlab import datasets, zoo  # noqa: E402
-from cnnlab.train import fit  # noqa: E402
+from cnnlab.training import fit  # noqa: E402
 
 STORE = HERE / "accuracy.json"
 

@@ -97,7 +97,7 @@ def per_layer(batch=128):
 
 def mnist_epoch():
     from cnnlab import datasets
-    from cnnlab.train import fit
+    from cnnlab.training import fit
     try:
         ds = datasets.load("mnist", data_dir=args.data_dir, download=False, progress=False)
     except datasets.DatasetError as e:

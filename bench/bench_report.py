@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from results import SHARED_DATASETS, machine  # noqa: E402
 
 from cnnlab import datasets, zoo  # noqa: E402
-from cnnlab.fileformat import load  # noqa: E402
+from cnnlab import load  # noqa: E402
 from cnnlab.inspect import write_report  # noqa: E402
 
 SECTION = "## Report timings"

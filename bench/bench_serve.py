@@ -49,7 +49,7 @@ def drawing_payload() -> bytes:
 
 def train_lenet(folder: Path) -> Path:
     from cnnlab import zoo
-    from cnnlab.model import Sequential
+    from cnnlab import Sequential
     m = Sequential(zoo.lenet(), name="lenet")
     m.fit("mnist-5k", epochs=3, batch_size=64, lr=0.003, verbose=0)
     return m.save(folder / "lenet.safetensors")

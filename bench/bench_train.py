@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import write_section  # noqa: E402
 
 from cnnlab import zoo  # noqa: E402
-from cnnlab.train import fit  # noqa: E402
+from cnnlab.training import fit  # noqa: E402
 
 
 def plain_net(name):

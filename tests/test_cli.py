@@ -113,7 +113,8 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     assert p.returncode == 130, stderr
     assert f"resume with: cnnlab train --resume {out}" in stderr
     assert "Traceback" not in stderr
-    from cnnlab.fileformat import load, unpack
+    from cnnlab import load
+    from cnnlab.fileformat import unpack
     _, meta = unpack(out / "checkpoint.safetensors")
     assert meta["trainer"]["epoch"] >= 1
     assert load(out / "model.safetensors").count_params()[0] == 8790

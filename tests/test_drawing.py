@@ -12,7 +12,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from cnnlab import datasets, zoo
-from cnnlab.model import Sequential
+from cnnlab import Sequential
 from cnnlab.inputs import drawing
 from cnnlab.inputs.drawing import ImageInputError
 
@@ -251,7 +251,7 @@ def _data_dir():
 @pytest.fixture(scope="module")
 def trained_model(request, tmp_path_factory):
     """CNNLAB_TEST_MNIST_MODEL, else lenet trained briefly on mnist-5k."""
-    from cnnlab.fileformat import load
+    from cnnlab import load
     given = os.environ.get("CNNLAB_TEST_MNIST_MODEL")
     if given:
         return load(given)

@@ -13,7 +13,7 @@ from cnnlab import datasets, inspect as ci, zoo
 from cnnlab.cli import main
 from cnnlab.evaluate import evaluate
 from cnnlab.layers import Conv2D, Dense, Flatten, GlobalAvgPool2D, Input
-from cnnlab.model import Sequential
+from cnnlab import Sequential
 
 from cnnlab.engines import torch_available
 
@@ -57,7 +57,7 @@ def run_dir(tmp_path_factory, mnist):
 
 @pytest.fixture(scope="module")
 def lenet(run_dir):
-    from cnnlab.fileformat import load
+    from cnnlab import load
     return load(run_dir)
 
 

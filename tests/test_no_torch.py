@@ -16,7 +16,7 @@ SCRIPT = textwrap.dedent("""
     import cnnlab
     from cnnlab import datasets, zoo
     from cnnlab.evaluate import evaluate
-    from cnnlab.train import fit
+    from cnnlab.training import fit
 
     ds = datasets.load("mnist-5k")
     model = zoo.build("lenet")
@@ -50,7 +50,7 @@ def test_auto_engine_follows_what_is_installed():
     """auto picks torch where it is installed and the NumPy engine where it is not."""
     import cnnlab
     from cnnlab.engines import get_engine
-    from cnnlab.train import TrainConfig
+    from cnnlab.training import TrainConfig
     installed = importlib.util.find_spec("torch") is not None
     model = cnnlab.zoo.build("litecnn")
     assert get_engine(model, "auto").name == ("torch" if installed else "numpy")

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from cnnlab.engines.numpy.engine import NumpyEngine
 from cnnlab.layers import (Activation, AvgPool2D, BatchNorm, Conv2D, Dense, Dropout, Flatten,
                            GlobalAvgPool2D, GlobalMaxPool2D, Input, MaxPool2D)
-from cnnlab.model import Sequential
+from cnnlab import Sequential
 
 RATE = 0.5
 

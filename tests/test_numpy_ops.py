@@ -343,12 +343,11 @@ def test_mse_loss(output):
 def test_loss_on_logits_dispatch():
     z1, z3, y = rand(4, 1), rand(4, 3), np.array([0, 1, 1, 0])
     bce = ops.sigmoid_binary_cross_entropy(z1, y)[0]
-    assert ops.loss_on_logits("categorical_crossentropy", z1, y, "sigmoid")[0] == bce
-    assert ops.loss_on_logits("binary_crossentropy", z1, y, "sigmoid")[0] == bce
-    assert ops.loss_on_logits("mean_squared_error", z3, y)[0] == ops.mse_loss(z3, y)[0]
-    with pytest.raises(ValueError, match="binary_crossentropy needs a sigmoid"):
-        ops.loss_on_logits("binary_crossentropy", z3, y, "softmax")
-    with pytest.raises(ValueError, match="unknown loss"):
+    assert ops.loss_on_logits("sigmoid_bce", z1, y)[0] == bce
+    assert ops.loss_on_logits("softmax_ce", z3, y)[0] == ops.softmax_cross_entropy(z3, y)[0]
+    assert ops.loss_on_logits("mse", z3, y)[0] == ops.mse_loss(z3, y)[0]
+    assert ops.loss_on_logits("mse", z1, y)[0] == ops.mse_loss(z1, y, "sigmoid")[0]
+    with pytest.raises(ValueError, match="unknown loss kind"):
         ops.loss_on_logits("hinge", z3, y)
 
 
@@ -381,7 +380,7 @@ def test_float32_stays_float32():
     h, _ = ops.flatten_forward(x)
     y, c = ops.dense_forward(h, rand(108, 3).astype(f32), b[:3])
     checks += [y, *ops.dense_backward(y, c)]
-    for name in ("categorical_crossentropy", "mse"):
-        checks.append(ops.loss_on_logits(name, y, np.array([0, 2]))[1])
-    checks.append(ops.loss_on_logits("binary_crossentropy", y[:, :1], [0, 1], "sigmoid")[1])
+    for kind in ("softmax_ce", "mse"):
+        checks.append(ops.loss_on_logits(kind, y, np.array([0, 2]))[1])
+    checks.append(ops.loss_on_logits("sigmoid_bce", y[:, :1], [0, 1])[1])
     assert all(a.dtype == f32 for a in checks), [a.dtype for a in checks]

@@ -7,10 +7,10 @@ import pytest
 from cnnlab import datasets, zoo
 from cnnlab.engines.numpy.engine import NumpyEngine
 from cnnlab.engines.torch.engine import TorchEngine
-from cnnlab.fileformat import load
+from cnnlab import load
 from cnnlab.layers import BatchNorm, Conv2D, Dense, Dropout, Flatten, Input, MaxPool2D
-from cnnlab.model import Sequential
-from cnnlab.train import TrainingInterrupted, fit, resume_run
+from cnnlab import Sequential
+from cnnlab.training import TrainingInterrupted, fit, resume_run
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 pytest.importorskip("flask")
 
 from cnnlab import zoo  # noqa: E402
-from cnnlab.model import Sequential  # noqa: E402
+from cnnlab import Sequential  # noqa: E402
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 CLASSES = [str(i) for i in range(10)]
@@ -162,7 +162,7 @@ def bomb_png(width=50_000, height=50_000) -> bytes:
 def expected(model_path, data: bytes):
     """What the server should answer, computed in this process."""
     from cnnlab.engines import get_engine
-    from cnnlab.fileformat import load
+    from cnnlab import load
     from cnnlab.preprocess import apply, preprocessing_of
     from cnnlab.inputs import drawing
     m = load(model_path)
@@ -172,7 +172,7 @@ def expected(model_path, data: bytes):
 
 def expected_activations(model_path, data: bytes):
     from cnnlab.engines import get_engine
-    from cnnlab.fileformat import load
+    from cnnlab import load
     from cnnlab.preprocess import apply, preprocessing_of
     from cnnlab.inputs import drawing
     m = load(model_path)

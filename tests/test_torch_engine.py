@@ -7,7 +7,7 @@ from cnnlab import zoo
 from cnnlab.engines.torch.engine import TorchEngine, TorchNet, export_weights, load_weights
 from cnnlab.layers import (AvgPool2D, BatchNorm, Conv2D, Dense, Flatten,
                            GlobalAvgPool2D, GlobalMaxPool2D, Input, MaxPool2D)
-from cnnlab.model import Sequential
+from cnnlab import Sequential
 
 
 def run(layers, x, weights=None):

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from cnnlab import datasets, zoo
-from cnnlab.fileformat import load, unpack
-from cnnlab.train import TrainConfig, TrainingError, TrainingInterrupted, fit, resume_run, scheduled_lr
+from cnnlab import load
+from cnnlab.fileformat import unpack
+from cnnlab.training import TrainConfig, TrainingError, TrainingInterrupted, fit, resume_run, scheduled_lr
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def test_resume_after_ctrl_c_equals_uninterrupted(mnist5k, tmp_path, monkeypatch
     ds = small(mnist5k, 400)
     # cifar-bn-like pieces (dropout, batchnorm) make RNG and running stats matter
     from cnnlab.layers import BatchNorm, Conv2D, Dense, Dropout, Flatten, Input, MaxPool2D
-    from cnnlab.model import Sequential
+    from cnnlab import Sequential
     def net():
         return Sequential([Input((28, 28, 1)), Conv2D(4, 3, activation="relu"), BatchNorm(),
                            MaxPool2D(), Flatten(), Dropout(0.3), Dense(10, activation="softmax")])
@@ -161,7 +162,7 @@ def test_bad_settings_are_rejected_with_allowed_values(mnist5k):
 
 def test_binary_and_mse_losses_learn(mnist5k):
     from cnnlab.layers import Dense, Flatten, Input, MaxPool2D
-    from cnnlab.model import Sequential
+    from cnnlab import Sequential
     ds = mnist5k
     keep = ds.y_train < 2
     x, y = ds.x_train[keep], ds.y_train[keep]
@@ -177,7 +178,7 @@ def test_sigmoid_output_trains_the_same_way_in_both_engines(mnist5k):
     """categorical_crossentropy on a 1-unit sigmoid output means binary cross-entropy,
     in both engines; mse on it compares the probability with the 0/1 label."""
     from cnnlab.layers import Dense, Flatten, Input, MaxPool2D
-    from cnnlab.model import Sequential
+    from cnnlab import Sequential
     keep = mnist5k.y_train < 2
     x, y = mnist5k.x_train[keep][:256], mnist5k.y_train[keep][:256]
     for loss in ("categorical_crossentropy", "binary_crossentropy", "mse"):
@@ -198,7 +199,7 @@ def test_sigmoid_output_trains_the_same_way_in_both_engines(mnist5k):
 
 def test_keras_style_arrays(mnist5k):
     from cnnlab.layers import Dense, Flatten, Input
-    from cnnlab.model import Sequential
+    from cnnlab import Sequential
     x, y = mnist5k.x_train[:200], mnist5k.y_train[:200]
     m = Sequential([Input((28, 28, 1)), Flatten(), Dense(10, activation="softmax")])
     with pytest.raises(TrainingError, match=r"float images must be in \[0, 1\]"):

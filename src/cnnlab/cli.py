@@ -14,7 +14,8 @@ EPILOGS = {
   cnnlab train cifar-basic --data cifar10 --precision bf16
   cnnlab train my_model.json --data ./photos --val-split 0.2 --early-stopping 3
   cnnlab train lenet --engine numpy --epochs 3    # the from-scratch NumPy engine
-  cnnlab train --resume runs/lenet-mnist          # continue after Ctrl-C""",
+  cnnlab train --resume runs/lenet-mnist          # continue after Ctrl-C
+  cnnlab train --resume runs/lenet-mnist --epochs 8   # train a finished run further""",
     "evaluate": """examples:
   cnnlab evaluate runs/demo/model.safetensors --data mnist-5k
   cnnlab evaluate runs/demo --data mnist --json > metrics.json""",
@@ -97,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (default): torch when installed, else the NumPy engine")
     t.add_argument("--precision", choices=["fp32", "bf16"], help="bf16: mixed precision")
     t.add_argument("--out", help="run directory (default runs/<model>-<data>-<time>)")
-    t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint")
+    t.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue a run from its checkpoint (with --epochs N: extend it to N)")
     t.add_argument("--overwrite", action="store_true",
                    help="allow --out to replace an existing run")
     t.add_argument("--quiet", action="store_true", help="one line per epoch, no progress bar")
@@ -144,8 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 def load_model_arg(arg: str):
     """A zoo name, a JSON description, a model file or a run directory -> Sequential."""
     from . import zoo
-    from .fileformat import load
-    from .model import Sequential
+    from .api import Sequential, load
     path = Path(arg)
     if arg in zoo.MODELS:
         return zoo.build(arg)
@@ -180,11 +181,11 @@ def parse_augment(text: str | None):
 
 def cmd_train(args):
     from . import datasets, zoo
-    from .train import TrainConfig, default_run_dir, fit, resume_run
+    from .training import TrainConfig, default_run_dir, fit, resume_run
     if args.resume:
         if args.model:
             raise CLIError("--resume takes the run directory; give no model with it")
-        resume_run(args.resume)
+        resume_run(args.resume, epochs=args.epochs)
         return 0
     if not args.model:
         raise CLIError("which model? e.g. 'cnnlab train lenet' (see 'cnnlab zoo')")
@@ -273,11 +274,14 @@ def cmd_evaluate(args):
     res = evaluate(model, _dataset_for(model, args.data), engine=args.engine,
                    data_dir=args.data_dir or run_data_dir(args.model))
     if args.json:
-        print(json.dumps({k: res[k] for k in ("accuracy", "loss", "per_class",
-                                              "confusion_matrix", "class_names", "images")}))
+        print(json.dumps({k: res[k] for k in ("accuracy", "top5_accuracy", "loss", "loss_name",
+                                              "per_class", "confusion_matrix", "class_names",
+                                              "images") if k in res}))
         return 0
     print(f"{res['dataset']}: {res['images']:,} test images, engine {res['engine']}")
-    print(f"accuracy {res['accuracy']:.4f}   loss {res['loss']:.4f}\n")
+    top5 = f"   top-5 {res['top5_accuracy']:.4f}" if "top5_accuracy" in res else ""
+    print(f"accuracy {res['accuracy']:.4f}{top5}   loss {res['loss']:.4f} "
+          f"({res['loss_name']})\n")
     rows = [(r["class"], f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}",
              r["support"]) for r in res["per_class"]]
     print(table(["class", "precision", "recall", "f1", "support"], rows))
@@ -292,22 +296,20 @@ def cmd_evaluate(args):
 
 def cmd_predict(args):
     import numpy as np
+    from .inputs import ImageInputError, read_file
     from .predict import predict_proba, top_k
-    from .inputs.drawing import ImageInputError, prepare
     model = load_model_arg(args.model)
     good, arrays, failed = [], [], []
     for path in args.images:
         try:
-            with open(path, "rb") as f:
-                image, _ = prepare(model, f.read(), args.mode)
-            if image is None:
-                raise ImageInputError("the image is blank: nothing to classify")
-            arrays.append(image)
+            arrays.append(read_file(model, path, args.mode))
             good.append(path)
-        except (ImageInputError, OSError) as e:
-            msg = f"{path}: {e.strerror if isinstance(e, OSError) and e.strerror else e}"
-            failed.append((path, msg))
-            print(f"error: {msg}", file=sys.stderr)
+        except ImageInputError as e:
+            failed.append((path, str(e)))
+        except OSError as e:
+            failed.append((path, f"{path}: {e.strerror or e}"))
+    for _, msg in failed:
+        print(f"error: {msg}", file=sys.stderr)
     results = []
     if arrays:
         probs = predict_proba(model, np.stack(arrays), engine=args.engine)
@@ -394,7 +396,7 @@ def main(argv=None) -> int:
     from .datasets import DatasetError
     from .fileformat import ModelFileError
     from .layers import ModelError
-    from .train import TrainingError, TrainingInterrupted
+    from .training import TrainingError, TrainingInterrupted
     from .extensions import COMMANDS as EXTRA
     handler = COMMANDS.get(args.command) or EXTRA[args.command]
     try:

@@ -32,7 +32,7 @@ def table(columns, rows, title=None, justify=None) -> str:
     return render(t, width=400)  # tables size to their content; nothing wraps
 
 
-def summary_table(summary: dict) -> str:
+def summary_table(summary: dict, width: int = 88) -> str:
     """Keras 3's model.summary() layout, with the same counts."""
     t = Table(title=f'Model: "{summary["name"]}"', box=box.HEAVY_HEAD, title_justify="left")
     t.add_column("Layer (type)", min_width=30)
@@ -43,7 +43,7 @@ def summary_table(summary: dict) -> str:
                   f'{row["params"]:,}')
     total, tr, non = (summary["total_params"], summary["trainable_params"],
                       summary["non_trainable_params"])
-    lines = [render(t),
+    lines = [render(t, width),
              f" Total params: {total:,} ({_bytes(total * 4)})",
              f" Trainable params: {tr:,} ({_bytes(tr * 4)})",
              f" Non-trainable params: {non:,} ({_bytes(non * 4)})"]
@@ -87,6 +87,11 @@ class EpochProgress:
             self._progress.start()
             self._task = self._progress.add_task("", total=self.steps, completed=start_step,
                                                  logs="")
+
+    @property
+    def live(self) -> bool:
+        """Whether a progress bar is showing (then the loop collects metrics for it)."""
+        return self._progress is not None
 
     def update(self, step: int, logs: dict):
         if self._progress is not None:

@@ -1,46 +1,57 @@
-"""Evaluate a model on a dataset's test split: loss, accuracy, per-class metrics."""
+"""Evaluate a model on a dataset's test split: loss, accuracy, per-class metrics.
+
+The loss is the one the model was trained with (`model.meta["loss"]`, categorical
+cross-entropy by default), computed on the logits as in training, so it equals the
+history's `val_loss` on the same data and the model file's `test_loss`.
+"""
 from __future__ import annotations
 
 import numpy as np
 
-from . import metrics
+from . import datasets, metrics
 from .engines import get_engine
-from .preprocess import apply, preprocessing_of
+from .engines.base import evaluate_logits, predicted_classes
+from .inputs import as_batch, color_of, model_input
+from .losses import loss_of, resolve_loss
 
 
 def _test_split(model, data, data_dir=None):
-    from . import datasets
     if isinstance(data, (tuple, list)) and len(data) == 2:
         x, y = np.asarray(data[0]), np.asarray(data[1], np.int64)
+        if y.ndim == 2:
+            y = y.argmax(1)
         names = model.meta.get("class_names") or [str(i) for i in range(model.num_classes)]
-        return x, y, names, "arrays"
+        return as_batch(x, model.input_shape), y, names, "arrays"
     if isinstance(data, str):
-        h, w, c = model.input_shape
+        h, w, _ = model.input_shape
         data = datasets.load(data, data_dir=data_dir, image_size=(h, w),
-                             color="grayscale" if c == 1 else "rgb")
-    return data.x_test, data.y_test, list(data.class_names), data.name
-
-
-def evaluate(model, data="mnist-5k", *, engine="auto", batch_size=256, data_dir=None) -> dict:
-    """{"accuracy", "loss", "per_class": [...], "confusion_matrix": [[...]], ...}."""
-    x, y, names, name = _test_split(model, data, data_dir)
-    if x.ndim == 3:
-        x = x[..., None]
+                             color=color_of(model.input_shape))
+    x = data.x_test
     if tuple(x.shape[1:]) != tuple(model.input_shape):
         raise ValueError(f"the data's images are {'x'.join(map(str, x.shape[1:]))} but the model "
                          f"expects {'x'.join(map(str, model.input_shape))}")
+    return x, data.y_test, list(data.class_names), data.name
+
+
+def evaluate(model, data="mnist-5k", *, engine="auto", batch_size=256, data_dir=None) -> dict:
+    """{"accuracy", "loss", "loss_name", "top5_accuracy" (over 5 classes), "per_class",
+    "confusion_matrix", "class_names", "most_confused", ...} on the test split."""
+    x, y, names, name = _test_split(model, data, data_dir)
     eng = get_engine(model, engine)
-    prep = preprocessing_of(model)
-    probs = np.concatenate([eng.predict_proba(apply(prep, x[i:i + 2048]), batch_size)
-                            for i in range(0, len(x), 2048)]) if len(x) else \
-        np.zeros((0, model.num_classes), np.float32)
-    pred = probs.argmax(1)
+    loss_name = loss_of(model)
+    kind = resolve_loss(loss_name, model)
+    chunk = 2048
+    logits = [eng.forward(model_input(model, x[i:i + chunk]))
+              for i in range(0, len(x), chunk)]
+    z = np.concatenate(logits) if logits else np.zeros((0, model.output_shape[-1]), np.float32)
+    res = evaluate_logits(model, lambda zb: zb, z, y, kind, batch_size=len(z) or 1)
+    pred = predicted_classes(model, z)
     k = max(model.num_classes, len(names))
     names = list(names) + [str(i) for i in range(len(names), k)]
     cm = metrics.confusion_matrix(y, pred, k)
     return {"dataset": name, "images": int(len(y)), "engine": eng.name,
-            "accuracy": float((pred == y).mean()) if len(y) else 0.0,
-            "loss": metrics.cross_entropy(probs, y),
+            **res, "loss_name": loss_name,
             "per_class": metrics.per_class(cm, names),
             "confusion_matrix": cm.tolist(), "class_names": names,
             "most_confused": metrics.most_confused(cm, names)}
+

@@ -1,7 +1,7 @@
 """The model file: one .safetensors file with the weights and JSON metadata.
 
 Layout: safetensors' header carries `{"cnnlab": "<json>"}` in its metadata, where
-the JSON holds the format version, the model description (`Sequential.get_config`),
+the JSON holds the format version, the model description (`Model.get_config`),
 the input shape, class names, preprocessing statistics and a training summary.
 Tensors are named "<layer>.<param>" in Keras layout (float32). No pickle anywhere.
 """
@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_writer
+from .layers import ModelError
+from .model import Model
 
 FORMAT = "cnnlab-model"
 FORMAT_VERSION = 1
@@ -96,10 +98,8 @@ def save(model, path) -> Path:
     return path
 
 
-def load(path):
-    """Load a model file written by `save` (by either engine)."""
-    from .layers import ModelError
-    from .model import Sequential
+def load(path, model_class=Model):
+    """Load a model file written by `save` (by either engine) as a `model_class`."""
     path = Path(path)
     if path.is_dir():
         candidate = path / "model.safetensors"
@@ -115,7 +115,7 @@ def load(path):
         raise ModelFileError(f"{path}: written by a newer cnnlab (format version "
                              f"{meta.get('format_version')}); upgrade cnnlab")
     try:
-        model = Sequential.from_config(meta["model"], init=False)
+        model = model_class.from_config(meta["model"], init=False)
         model.set_weights(tensors)
     except (ModelError, KeyError) as e:
         raise ModelFileError(f"{path}: inconsistent model file: {e}") from None

@@ -1,7 +1,8 @@
-"""Sequential: a list of layer descriptions, their shapes, and the weights.
+"""Model: a list of layer descriptions, their shapes, and the weights.
 
-This module knows nothing about PyTorch. Engines (`cnnlab.engines`) run the
-model; `cnnlab.fileformat` saves and loads it; `cnnlab.train` fits it.
+The pure description that the engines run, the file format stores and training fits.
+It knows nothing of engines, files or training; `cnnlab.api.Sequential` adds Keras'
+fit/evaluate/predict/save on top of it.
 """
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ from .layers import ModelError
 FINAL_ACTIVATIONS = ("softmax", "sigmoid", "linear")
 
 
-class Sequential:
-    """A stack of layers, Keras style.
+class Model:
+    """A stack of layers, Keras style, and its weights.
 
-    >>> model = Sequential([Input((28, 28, 1)), Conv2D(6, 3, padding="same", activation="relu"),
+    >>> model = Model([Input((28, 28, 1)), Conv2D(6, 3, padding="same", activation="relu"),
     ...                     MaxPool2D(), Flatten(), Dense(10, activation="softmax")])
 
     Attributes after construction:
@@ -187,7 +188,7 @@ class Sequential:
                 "layers": [L.to_config(layer) for layer in self.layers]}
 
     @classmethod
-    def from_config(cls, config: dict, init: bool = True) -> "Sequential":
+    def from_config(cls, config: dict, init: bool = True) -> "Model":
         if not isinstance(config, dict) or "layers" not in config:
             raise ModelError("a model description is an object with 'input_shape' and 'layers'")
         layer_list = config["layers"]
@@ -206,15 +207,15 @@ class Sequential:
         return json.dumps(self.get_config(), indent=indent)
 
     @classmethod
-    def from_json(cls, text: str) -> "Sequential":
+    def from_json(cls, text: str) -> "Model":
         try:
             config = json.loads(text)
         except json.JSONDecodeError as e:
             raise ModelError(f"not valid JSON: {e}") from None
         return cls.from_config(config)
 
-    def copy(self) -> "Sequential":
-        other = Sequential.from_config(self.get_config(), init=False)
+    def copy(self) -> "Model":
+        other = type(self).from_config(self.get_config(), init=False)
         other.weights = {k: v.copy() for k, v in self.weights.items()}
         other.fresh = self.fresh
         other.meta = json.loads(json.dumps(self.meta))
@@ -235,41 +236,7 @@ class Sequential:
                 "layers": self.summary_rows(), "total_params": total,
                 "trainable_params": tr, "non_trainable_params": non}
 
-    def summary(self, print_fn=print) -> str:
-        """A Keras-style table: layer (type), output shape, parameter count."""
-        from .console import summary_table
-        text = summary_table(self.summary_dict())
-        if print_fn is not None:
-            print_fn(text)
-        return text
-
     def __repr__(self):
         total = self.count_params()[0]
-        return (f"Sequential({len(self.layers)} layers, input {self.input_shape}, "
+        return (f"{type(self).__name__}({len(self.layers)} layers, input {self.input_shape}, "
                 f"{total:,} params)")
-
-    # training and inference: thin wrappers over the engines ----------------------
-    def predict(self, images, *, engine: str = "auto", batch_size: int = 256):
-        """Class probabilities (N, classes) for images: uint8 (N, H, W, C) arrays, float
-        arrays already in [0, 1], a single image, or paths of image files."""
-        from .predict import predict_proba
-        return predict_proba(self, images, engine=engine, batch_size=batch_size)
-
-    def fit(self, x="mnist-5k", y=None, /, **options):
-        """Train in place on a dataset name, a folder, a Dataset, or arrays: fit(x, y, ...)
-        with uint8 images (N, H, W, C) (or floats in [0, 1]) and integer or one-hot labels.
-        A new model starts from weights seeded by `seed`; a trained one continues.
-        Options are those of `cnnlab.train.TrainConfig` (epochs, batch_size, optimizer,
-        lr, schedule, loss, augment, val_split, early_stopping, seed, device, engine, out).
-        Returns the history: {"loss": [...], "accuracy": [...], "val_loss": [...], ...}."""
-        from .train import fit
-        return fit(self, x if y is None else (x, y), **options)
-
-    def evaluate(self, data="mnist-5k", *, engine: str = "auto", batch_size: int = 256):
-        """Loss, accuracy, per-class precision/recall/F1 and confusion matrix on the test split."""
-        from .evaluate import evaluate
-        return evaluate(self, data, engine=engine, batch_size=batch_size)
-
-    def save(self, path):
-        from .fileformat import save
-        return save(self, path)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .layers import (Activation, AvgPool2D, BatchNorm, Conv2D, Dense, Dropout, Flatten, Input,
                      MaxPool2D, ModelError)
-from .model import Sequential
+from .api import Sequential
 
 
 def lenet(input_shape=(28, 28, 1), num_classes=10):

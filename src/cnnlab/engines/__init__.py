@@ -3,27 +3,20 @@
     engine = get_engine(model, "auto")   # torch when installed, else numpy
     probs = engine.predict_proba(x)      # x: preprocessed float32 (N, H, W, C)
 
-Both offer forward (logits), predict_proba, activations and vjp (gradients).
+The contract they meet, and what is written once for both, is in `engines.base`.
 """
 from __future__ import annotations
 
-ENGINE_NAMES = ("auto", "torch", "numpy")
+from .base import ENGINES, resolve_engine, torch_available
 
-
-def torch_available() -> bool:
-    import importlib.util
-    return importlib.util.find_spec("torch") is not None
+ENGINE_NAMES = ENGINES
+__all__ = ["ENGINES", "get_engine", "resolve_engine", "torch_available"]
 
 
 def get_engine(model, engine: str = "auto", device: str = "cpu"):
-    if engine not in ENGINE_NAMES:
-        raise ValueError(f"unknown engine {engine!r}; allowed: {', '.join(ENGINE_NAMES)}")
-    if engine == "auto":
-        engine = "torch" if torch_available() else "numpy"
+    """An engine instance for `model`: 'auto', 'torch' or 'numpy'."""
+    engine = resolve_engine(engine)
     if engine == "torch":
-        if not torch_available():
-            raise ValueError("the torch engine needs PyTorch, which is not installed; "
-                             "use --engine numpy")
         from .torch.engine import TorchEngine
         return TorchEngine(model, device=device)
     from .numpy.engine import NumpyEngine

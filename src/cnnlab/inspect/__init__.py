@@ -10,14 +10,25 @@ Images are uint8 (N, H, W, C) arrays as datasets give them, or floats in [0, 1];
 each function preprocesses them the way the model was trained. Every figure is a
 `matplotlib.figure.Figure` (shown inline by Jupyter; `fig.savefig(path)` writes it).
 """
-from .attribution import grad_cam, occlusion, saliency
-from .figures import (confusion_figure, feature_maps, filters_figure, per_class_figure,
-                      per_class_metrics, prediction_grid, read_history, top_losses,
-                      training_curves)
-from .maximize import activation_maximization, gaussian_blur, objective
-from .report import write_report
+from __future__ import annotations
 
-__all__ = ["training_curves", "read_history", "confusion_figure", "per_class_figure",
-           "per_class_metrics", "prediction_grid", "top_losses", "feature_maps",
-           "filters_figure", "activation_maximization", "objective", "gaussian_blur",
-           "occlusion", "saliency", "grad_cam", "write_report"]
+import importlib
+
+# name -> submodule; loaded on first use, so `cnnlab report --help` needs no matplotlib
+_WHERE = {"grad_cam": "attribution", "occlusion": "attribution", "saliency": "attribution",
+          "confusion_figure": "figures", "feature_maps": "figures", "filters_figure": "figures",
+          "per_class_figure": "figures", "per_class_metrics": "figures",
+          "prediction_grid": "figures", "read_history": "figures", "top_losses": "figures",
+          "training_curves": "figures", "activation_maximization": "maximize",
+          "gaussian_blur": "maximize", "objective": "maximize", "write_report": "report"}
+__all__ = list(_WHERE)
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

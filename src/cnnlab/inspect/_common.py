@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import inputs
 from ..engines import get_engine
-from ..preprocess import apply, preprocessing_of
+from ..preprocess import preprocessing_of
 
 
 def engine_for(model, engine="auto"):
@@ -14,20 +15,12 @@ def engine_for(model, engine="auto"):
 
 def as_batch(images, model=None) -> np.ndarray:
     """Images as an (N, H, W, C) array: uint8, or float in [0, 1]. A single image gets N = 1."""
-    x = np.asarray(images)
-    if x.ndim == 2:
-        x = x[None, ..., None]
-    elif x.ndim == 3:
-        x = x[None] if (model is None or x.shape == tuple(model.input_shape)) else x[..., None]
-    if model is not None and tuple(x.shape[1:]) != tuple(model.input_shape):
-        raise ValueError(f"images are {'x'.join(map(str, x.shape[1:]))} but the model expects "
-                         f"{'x'.join(map(str, model.input_shape))}")
-    return x
+    return inputs.as_batch(images, None if model is None else model.input_shape)
 
 
 def to_input(model, images) -> np.ndarray:
     """uint8 or [0, 1] float images -> the model's preprocessed float32 input."""
-    return apply(preprocessing_of(model), as_batch(images, model))
+    return inputs.model_input(model, images)
 
 
 def to_pixels(images) -> np.ndarray:

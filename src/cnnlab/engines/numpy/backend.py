@@ -1,4 +1,4 @@
-"""One training step with the NumPy engine, for the loop in `cnnlab.train`.
+"""One training step with the NumPy engine, for the loop in `cnnlab.training`.
 
 The optimizer updates model.weights in place; the engine reads them at every call.
 Dropout masks come from the engine's NumPy generator, reseeded every epoch, so a
@@ -9,25 +9,24 @@ from __future__ import annotations
 import numpy as np
 
 from ...preprocess import apply
-from . import ops
+from ..base import Tally, evaluate_logits
 from .engine import NumpyEngine
 from .optim import make_optimizer
-from ...train import optimizer_options
 
 
 class NumpyBackend:
     name = "numpy"
     device_info = "NumPy, float32"
 
-    def __init__(self, model, cfg, data):
-        self.model, self.cfg = model, cfg
+    def __init__(self, model, cfg, data, loss_kind: str, optim):
+        self.model, self.cfg, self.loss_kind = model, cfg, loss_kind
         self.engine = NumpyEngine(model)
         trainable = set(model.trainable_names())
         self.params = {k: v for k, v in model.weights.items() if k in trainable}
-        self.opt = make_optimizer(cfg.optimizer, self.params, cfg.lr, **optimizer_options(cfg))
+        name, lr, opts = optim
+        self.opt = make_optimizer(name, self.params, lr, **opts)
         self.x, self.y, self.prep = data.x_train, data.y_train, data.preprocessing
-        self.sums = [0.0, 0.0, 0.0, 0]
-        self.top5 = model.num_classes > 5
+        self.tally = Tally()
 
     @property
     def lr(self):
@@ -54,42 +53,19 @@ class NumpyBackend:
         xb, yb = apply(self.prep, self.x[idx]), self.y[idx]
         if self.cfg.augment:
             xb = self._augment(xb, seed)
-        loss, logits, grads = self.engine.loss_and_grads(xb, yb, self.cfg.loss,
+        loss, logits, grads = self.engine.loss_and_grads(xb, yb, self.loss_kind,
                                                          self.cfg.label_smoothing)
         self.opt.step(grads)
-        self._count(self.sums, loss, logits, yb)
+        self.tally.add_batch(self.model, loss, logits, yb)
 
-    def _count(self, sums, loss, logits, y):
-        n = len(y)
-        sums[0] += float(loss) * n
-        sums[1] += int((self._predictions(logits) == y).sum())
-        if self.top5:
-            top = np.argpartition(-logits, 5, axis=1)[:, :5]
-            sums[2] += int((top == y[:, None]).any(1).sum())
-        sums[3] += n
-
-    def _predictions(self, logits):
-        if logits.shape[1] == 1 and self.model.output_activation == "sigmoid":
-            return (logits[:, 0] > 0).astype(np.int64)
-        return logits.argmax(1)
-
-    def collect(self, partial):
-        out = [p + s for p, s in zip(partial, self.sums)]
-        self.sums = [0.0, 0.0, 0.0, 0]
+    def collect(self) -> Tally:
+        """The metrics of the steps since the last collect."""
+        out, self.tally = self.tally, Tally()
         return out
 
     def evaluate(self, x_uint8, y, batch_size=512):
-        sums = [0.0, 0.0, 0.0, 0]
-        for i in range(0, len(y), batch_size):
-            logits = self.engine.forward(apply(self.prep, x_uint8[i:i + batch_size]))
-            yb = y[i:i + batch_size]
-            loss, _ = ops.loss_on_logits(self.cfg.loss, logits, yb, self.model.output_activation)
-            self._count(sums, loss, logits, yb)
-        n = max(sums[3], 1)
-        out = {"loss": sums[0] / n, "accuracy": sums[1] / n}
-        if self.top5:
-            out["top5_accuracy"] = sums[2] / n
-        return out
+        logits = lambda xb: self.engine.forward(apply(self.prep, xb))  # noqa: E731
+        return evaluate_logits(self.model, logits, x_uint8, y, self.loss_kind, batch_size)
 
     # weights and state ----------------------------------------------------------
     def export_weights(self):

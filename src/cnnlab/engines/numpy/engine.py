@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...losses import KINDS, resolve_loss
 from . import ops
 
 
@@ -140,7 +141,7 @@ class NumpyEngine:
             out.append((layer.name, h))
         return out
 
-    def loss_and_grads(self, x, y, loss="categorical_crossentropy", label_smoothing=0.0):
+    def loss_and_grads(self, x, y, loss="softmax_ce", label_smoothing=0.0):
         """Training-mode forward and backward on one batch.
 
         BatchNorm normalizes with the batch statistics and updates its moving statistics
@@ -150,8 +151,8 @@ class NumpyEngine:
         """
         n = len(self.model.layers)
         logits, caches = self._run(x, n - 1, True, self._logits_mask())
-        value, g = ops.loss_on_logits(loss, logits, y, self.model.output_activation,
-                                      label_smoothing)
+        kind = loss if loss in KINDS else resolve_loss(loss, self.model)
+        value, g = ops.loss_on_logits(kind, logits, y, label_smoothing)
         grads = {}
         for i in range(n - 1, -1, -1):
             g, layer_grads = self._backward(i, g, caches[i], need_dx=i > 0)

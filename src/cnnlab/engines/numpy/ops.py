@@ -598,34 +598,13 @@ def mse_loss(z, y, output="softmax"):
     return float((diff * diff).mean()), p * (dp - (dp * p).sum(axis=1, keepdims=True))
 
 
-LOSSES = ("categorical_crossentropy", "sparse_categorical_crossentropy",
-          "binary_crossentropy", "mse")
-
-
-def loss_on_logits(name, z, y, output_activation="softmax", label_smoothing=0.0):
-    """The training loss by name, for a model whose final activation is output_activation.
-
-    categorical_crossentropy / sparse_categorical_crossentropy: softmax cross-entropy
-        (integer labels or one-hot rows both work); on a 1-unit sigmoid output it is the
-        binary cross-entropy.
-    binary_crossentropy: sigmoid cross-entropy (1 sigmoid unit, or K multi-label units).
-    mse (or mean_squared_error): mse_loss on the probabilities.
-    Returns (loss, dloss/dz).
-    """
-    name = {"mean_squared_error": "mse"}.get(name, name)
-    sig = output_activation == "sigmoid"
-    if name in ("categorical_crossentropy", "sparse_categorical_crossentropy"):
-        if sig and z.shape[1] == 1:
-            return sigmoid_binary_cross_entropy(z, y, label_smoothing)
-        if sig:
-            raise ValueError(f"{name} needs a softmax output; this model ends in sigmoid: "
-                             "use loss='binary_crossentropy'")
+def loss_on_logits(kind, z, y, label_smoothing=0.0):
+    """(loss, dloss/dz) for a loss kind of `cnnlab.losses.resolve_loss`: softmax_ce,
+    sigmoid_bce (one sigmoid unit) or mse (on sigmoid(z) for one unit, else softmax(z))."""
+    if kind == "softmax_ce":
         return softmax_cross_entropy(z, y, label_smoothing)
-    if name == "binary_crossentropy":
-        if output_activation == "softmax":
-            raise ValueError("binary_crossentropy needs a sigmoid output (Dense(1, "
-                             "activation='sigmoid')); use categorical_crossentropy")
+    if kind == "sigmoid_bce":
         return sigmoid_binary_cross_entropy(z, y, label_smoothing)
-    if name == "mse":
-        return mse_loss(z, y, "sigmoid" if sig else "softmax")
-    raise ValueError(f"unknown loss {name!r}; allowed: {', '.join(LOSSES)}")
+    if kind == "mse":
+        return mse_loss(z, y, "sigmoid" if z.shape[1] == 1 else "softmax")
+    raise ValueError(f"unknown loss kind {kind!r}")

@@ -1,4 +1,4 @@
-"""One training step with PyTorch, for the loop in `cnnlab.train`.
+"""One training step with PyTorch, for the loop in `cnnlab.training`.
 
 The whole training set stays in memory as a uint8 tensor on the device; a step
 gathers a batch by index, scales and standardizes it, augments it as a batch,
@@ -12,19 +12,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...train import optimizer_options, resolve_loss
+from ..base import Tally, binary_output, evaluate_logits
 from .engine import TorchNet, export_weights, load_weights, param_names, resolve_device
 
 
-def make_torch_optimizer(cfg, params):
-    opts = optimizer_options(cfg)
+def make_torch_optimizer(optim, params):
+    """optim: (name, lr, options) as the Trainer resolves them."""
+    name, lr, opts = optim
     make = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
-            "rmsprop": torch.optim.RMSprop}[cfg.optimizer]
-    return make(params, lr=cfg.lr, **opts)
+            "rmsprop": torch.optim.RMSprop}[name]
+    return make(params, lr=lr, **opts)
 
 
 def loss_fn(kind, logits, y, label_smoothing=0.0):
-    """Mean loss over the batch from logits; `kind` comes from train.resolve_loss."""
+    """Mean loss over the batch from logits; `kind` comes from cnnlab.losses.resolve_loss
+    (the NumPy engine's formulas in engines/numpy/ops.py say the same)."""
     if kind == "softmax_ce":
         return F.cross_entropy(logits, y, label_smoothing=label_smoothing)
     if kind == "sigmoid_bce":  # Keras-style smoothing: t = y (1 - ls) + ls / 2
@@ -36,17 +38,26 @@ def loss_fn(kind, logits, y, label_smoothing=0.0):
     return F.mse_loss(probs, F.one_hot(y, probs.shape[1]).to(probs.dtype))
 
 
-def predictions(model, logits):
-    if model.output_shape[-1] == 1 and model.output_activation == "sigmoid":
-        return (logits[:, 0] > 0).long()
-    return logits.argmax(1)
+def count_batch(model, logits, y):
+    """(correct, top-5 correct) on the device, by the rule of engines.base: the predicted
+    class is the first argmax (z > 0 for one sigmoid unit); top-k counts a true class whose
+    rank #{z_k > z_y} + #{k < y: z_k = z_y} is below k."""
+    if binary_output(model):
+        return ((logits[:, 0] > 0).long() == y).sum(), None
+    correct = (logits.argmax(1) == y).sum()
+    if model.num_classes <= 5:
+        return correct, None
+    t = logits.gather(1, y[:, None])
+    before = torch.arange(logits.shape[1], device=logits.device)[None, :] < y[:, None]
+    rank = (logits > t).sum(1) + ((logits == t) & before).sum(1)
+    return correct, (rank < 5).sum()
 
 
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, model, cfg, data):
-        self.model, self.cfg = model, cfg
+    def __init__(self, model, cfg, data, loss_kind: str, optim):
+        self.model, self.cfg, self.loss_kind = model, cfg, loss_kind
         self.device = resolve_device(cfg.device)
         self.net = TorchNet(model).to(self.device)
         load_weights(self.net, model)
@@ -54,7 +65,7 @@ class TorchBackend:
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.params = [p for _, p in param_names(self.net)]
-        self.opt = make_torch_optimizer(cfg, self.params)
+        self.opt = make_torch_optimizer(optim, self.params)
         self.x = self._images(data.x_train)
         self.y = torch.from_numpy(data.y_train).to(self.device)
         prep = data.preprocessing
@@ -63,10 +74,8 @@ class TorchBackend:
         self.inv_std = (1 / torch.tensor(prep["std"], dtype=torch.float32,
                                          device=self.device)).view(1, c, 1, 1)
         self.autocast = cfg.precision == "bf16"
-        self.loss_kind = resolve_loss(cfg.loss, model)
         self.sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         self.seen = 0
-        self.top5 = model.num_classes > 5
         kind = "CUDA " + torch.cuda.get_device_name(self.device) if self.device.type == "cuda" \
             else f"CPU, {torch.get_num_threads()} threads"
         self.device_info = f"{kind}, {cfg.precision}" + \
@@ -115,33 +124,29 @@ class TorchBackend:
     def _count(self, sums, loss, logits, y):
         """Add the batch's loss sum, correct and top-5 correct counts (on the device)."""
         sums[0] += loss.detach().double() * len(y)
-        sums[1] += (predictions(self.model, logits) == y).sum()
-        if self.top5:
-            sums[2] += (logits.topk(5, dim=1).indices == y[:, None]).any(1).sum()
+        correct, top5 = count_batch(self.model, logits, y)
+        sums[1] += correct
+        if top5 is not None:
+            sums[2] += top5
 
-    def collect(self, partial):
+    def collect(self) -> Tally:
+        """The metrics of the steps since the last collect (one device sync)."""
         s = self.sums.tolist()
-        out = [partial[0] + s[0], partial[1] + s[1], partial[2] + s[2], partial[3] + self.seen]
+        out = Tally(s[0], int(s[1]), int(s[2]), self.seen)
         self.sums.zero_()
         self.seen = 0
         return out
 
     @torch.no_grad()
-    def evaluate(self, x_uint8, y, batch_size=1024):
+    def logits(self, x_uint8: np.ndarray) -> np.ndarray:
+        """Inference logits (float32 NumPy) for uint8 images, in the run's precision."""
         self.net.eval()
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
-        for i in range(0, len(x_uint8), batch_size):
-            xb = self._batch(self._images(x_uint8[i:i + batch_size]))
-            yb = torch.from_numpy(y[i:i + batch_size]).to(self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                logits = self.net(xb).float()
-            self._count(sums, loss_fn(self.loss_kind, logits, yb), logits, yb)
-        n = max(len(y), 1)
-        s = sums.tolist()
-        out = {"loss": s[0] / n, "accuracy": s[1] / n}
-        if self.top5:
-            out["top5_accuracy"] = s[2] / n
-        return out
+        xb = self._batch(self._images(x_uint8))
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            return self.net(xb).float().cpu().numpy()
+
+    def evaluate(self, x_uint8, y, batch_size=1024):
+        return evaluate_logits(self.model, self.logits, x_uint8, y, self.loss_kind, batch_size)
 
     # weights and state ------------------------------------------------------------
     def export_weights(self):
