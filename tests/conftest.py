@@ -5,3 +5,12 @@ from pathlib import Path
 
 SHARED_DATASETS = Path(os.environ.get("CNNLAB_SHARED_DATASETS")
                        or Path(__file__).resolve().parents[2] / "shared" / "datasets")
+
+# One thread everywhere: under load, several OpenMP threads on 2 cores stall each other
+# (a 30 s test took 440 s). Subprocesses (the CLI) inherit the environment.
+os.environ["OMP_NUM_THREADS"] = "1"
+try:
+    import torch
+    torch.set_num_threads(1)
+except ImportError:
+    pass

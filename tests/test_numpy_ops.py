@@ -345,8 +345,8 @@ def test_loss_on_logits_dispatch():
     bce = ops.sigmoid_binary_cross_entropy(z1, y)[0]
     assert ops.loss_on_logits("sigmoid_bce", z1, y)[0] == bce
     assert ops.loss_on_logits("softmax_ce", z3, y)[0] == ops.softmax_cross_entropy(z3, y)[0]
-    assert ops.loss_on_logits("mse", z3, y)[0] == ops.mse_loss(z3, y)[0]
-    assert ops.loss_on_logits("mse", z1, y)[0] == ops.mse_loss(z1, y, "sigmoid")[0]
+    assert ops.loss_on_logits("mse_probs", z3, y)[0] == ops.mse_loss(z3, y)[0]
+    assert ops.loss_on_logits("mse_probs", z1, y)[0] == ops.mse_loss(z1, y, "sigmoid")[0]
     with pytest.raises(ValueError, match="unknown loss kind"):
         ops.loss_on_logits("hinge", z3, y)
 
@@ -380,7 +380,7 @@ def test_float32_stays_float32():
     h, _ = ops.flatten_forward(x)
     y, c = ops.dense_forward(h, rand(108, 3).astype(f32), b[:3])
     checks += [y, *ops.dense_backward(y, c)]
-    for kind in ("softmax_ce", "mse"):
+    for kind in ("softmax_ce", "mse_probs"):
         checks.append(ops.loss_on_logits(kind, y, np.array([0, 2]))[1])
     checks.append(ops.loss_on_logits("sigmoid_bce", y[:, :1], [0, 1])[1])
     assert all(a.dtype == f32 for a in checks), [a.dtype for a in checks]

@@ -1,5 +1,5 @@
 """cnnlab: define, train, inspect and serve convolutional networks for images."""
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402,F401
 
 from . import layers  # noqa: E402
 from .api import Sequential, load  # noqa: E402

@@ -45,7 +45,7 @@ def _add_engine(p, default="auto"):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .version import __version__
     parser = argparse.ArgumentParser(
         prog="cnnlab", description="Define, train, inspect and serve CNNs for image "
                                    "classification.",

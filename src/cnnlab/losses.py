@@ -5,7 +5,7 @@ which is numerically stable. `resolve_loss` turns a Keras loss name into one of:
 
     softmax_ce    softmax cross-entropy: -sum_k t_k log softmax(z)_k
     sigmoid_bce   binary cross-entropy on one sigmoid unit: -[t log s(z) + (1-t) log(1-s(z))]
-    mse           mean squared error between the probabilities (softmax(z), or s(z) for one
+    mse_probs     mean squared error between the probabilities (softmax(z), or s(z) for one
                   sigmoid unit) and the one-hot (or 0/1) targets
 
 A model's evaluation loss is the loss it was trained with (`model.meta["loss"]`, default
@@ -17,7 +17,7 @@ from __future__ import annotations
 LOSSES = ("categorical_crossentropy", "sparse_categorical_crossentropy",
           "binary_crossentropy", "mse")
 ALIASES = {"mean_squared_error": "mse", "crossentropy": "categorical_crossentropy"}
-KINDS = ("softmax_ce", "sigmoid_bce", "mse")
+KINDS = ("softmax_ce", "sigmoid_bce", "mse_probs")
 DEFAULT = "categorical_crossentropy"
 
 
@@ -33,7 +33,7 @@ def canonical(loss: str) -> str:
 
 
 def resolve_loss(loss: str, model) -> str:
-    """The kind of loss (softmax_ce, sigmoid_bce or mse) that `loss` means for `model`.
+    """The kind of loss (softmax_ce, sigmoid_bce or mse_probs) that `loss` means for `model`.
 
     A softmax or linear output of K >= 2 units is a K-class classifier; one sigmoid unit a
     binary one. Other outputs (one linear unit, several sigmoid units) are refused."""
@@ -47,7 +47,7 @@ def resolve_loss(loss: str, model) -> str:
         raise LossError("a 1-unit output is a binary classifier only with a sigmoid: "
                         "Dense(1, activation='sigmoid'), or Dense(2, activation='softmax')")
     if name == "mse":
-        return "mse"
+        return "mse_probs"
     if name == "binary_crossentropy" and act != "sigmoid":
         raise LossError("binary_crossentropy needs a 1-unit sigmoid output: "
                         "Dense(1, activation='sigmoid')")

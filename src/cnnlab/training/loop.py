@@ -85,14 +85,14 @@ class Trainer:
 
     def __init__(self, model, cfg: TrainConfig, data: Prepared, backend=None):
         self.model, self.cfg, self.data = model, cfg, data
-        n_cls = model.num_classes
-        if len(data.class_names) > n_cls or (len(data.y_train) and data.y_train.max() >= n_cls):
-            raise TrainingError(f"the data has {len(data.class_names)} classes but the model's "
-                                f"output has {n_cls}; use Dense({len(data.class_names)}) last")
         try:
             self.loss_kind = resolve_loss(cfg.loss, model)
         except LossError as e:
             raise TrainingError(str(e)) from None
+        n_cls = model.num_classes
+        if len(data.class_names) > n_cls or (len(data.y_train) and data.y_train.max() >= n_cls):
+            raise TrainingError(f"the data has {len(data.class_names)} classes but the model's "
+                                f"output has {n_cls}; use Dense({len(data.class_names)}) last")
         self.backend = backend or make_backend(model, cfg, data, self.loss_kind)
         self.steps = max(1, math.ceil(len(data.x_train) / cfg.batch_size))
         self.history: list[dict] = []

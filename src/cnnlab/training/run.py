@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import __version__
+from ..version import __version__
 from ..fileformat import atomic_write_bytes, pack, save, unpack
 from ..model import Model
 from .config import TrainConfig, TrainingError, TrainingInterrupted

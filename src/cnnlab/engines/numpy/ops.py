@@ -600,11 +600,11 @@ def mse_loss(z, y, output="softmax"):
 
 def loss_on_logits(kind, z, y, label_smoothing=0.0):
     """(loss, dloss/dz) for a loss kind of `cnnlab.losses.resolve_loss`: softmax_ce,
-    sigmoid_bce (one sigmoid unit) or mse (on sigmoid(z) for one unit, else softmax(z))."""
+    sigmoid_bce (one sigmoid unit) or mse_probs (on sigmoid(z) for one unit, else softmax(z))."""
     if kind == "softmax_ce":
         return softmax_cross_entropy(z, y, label_smoothing)
     if kind == "sigmoid_bce":
         return sigmoid_binary_cross_entropy(z, y, label_smoothing)
-    if kind == "mse":
+    if kind == "mse_probs":
         return mse_loss(z, y, "sigmoid" if z.shape[1] == 1 else "softmax")
     raise ValueError(f"unknown loss kind {kind!r}")
