@@ -220,3 +220,34 @@ def test_failed_setup_writes_nothing(mnist5k, tmp_path):
         fit(zoo.build("lenet"), mnist5k, loss="binary_crossentropy", out=str(tmp_path / "r"),
             verbose=0)
     assert not (tmp_path / "r").exists()
+
+
+def test_resume_brings_every_file_of_a_finished_run_up_to_date(mnist5k, tmp_path, capsys):
+    """A kill after the last checkpoint's rename but before history.csv and the model were
+    written: the resume trains nothing, says so, and writes the missing files."""
+    ds, run = small(mnist5k, 300), tmp_path / "run"
+    history = fit(zoo.build("lenet"), ds, epochs=2, verbose=2, out=str(run))
+    full = (run / "history.csv").read_text()
+    rows = full.splitlines()
+    (run / "history.csv").write_text("\n".join(rows[:-1]) + "\n")   # one row short
+    (run / "model.safetensors").unlink()
+    capsys.readouterr()
+    again = resume_run(run)
+    assert "already finished (2 epochs)" in capsys.readouterr().out
+    assert again == history
+    assert (run / "history.csv").read_text() == full
+    assert load(run).meta["training"]["epochs"] == 2
+
+
+def test_resume_with_more_epochs_extends_the_run(mnist5k, tmp_path, capsys):
+    ds, run = small(mnist5k, 300), tmp_path / "run"
+    fit(zoo.build("lenet"), ds, epochs=1, verbose=2, out=str(run))
+    capsys.readouterr()
+    history = resume_run(run, epochs=3)
+    out = capsys.readouterr().out
+    assert "Extending" in out and "from 1 to 3 epochs" in out
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    assert len((run / "history.csv").read_text().splitlines()) == 4
+    assert json.loads((run / "config.json").read_text())["train"]["epochs"] == 3
+    with pytest.raises(TrainingError, match="already trained 3 epochs"):
+        resume_run(run, epochs=2)
