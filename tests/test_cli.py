@@ -26,6 +26,9 @@ def run_dir(tmp_path_factory):
     r = cnnlab("train", "lenet", "--epochs", 2, "--out", out, "--quiet")
     assert r.returncode == 0, r.stderr
     assert "Epoch 2/2" in r.stdout and "Test accuracy" in r.stdout
+    epoch_lines = [line for line in r.stdout.splitlines() if "loss:" in line]
+    assert len(epoch_lines) == 2 and epoch_lines[0].startswith("Epoch 1/2 - ")  # --quiet
+    assert "2 epochs," in r.stdout                # the header counts in words a user reads
     assert "cnnlab evaluate" in r.stdout          # says what to try next
     return out
 

@@ -251,3 +251,13 @@ def test_resume_with_more_epochs_extends_the_run(mnist5k, tmp_path, capsys):
     assert json.loads((run / "config.json").read_text())["train"]["epochs"] == 3
     with pytest.raises(TrainingError, match="already trained 3 epochs"):
         resume_run(run, epochs=2)
+
+
+def test_fit_returns_a_keras_like_history(mnist5k):
+    from cnnlab.inspect import read_history
+    h = zoo.build("lenet").fit(small(mnist5k, 200), epochs=2, verbose=0)
+    assert set(h.history) >= {"loss", "accuracy", "val_loss", "val_accuracy", "lr"}
+    assert h.history["loss"] == [row["loss"] for row in h] and len(h.history["loss"]) == 2
+    assert h.epoch == [0, 1] and h[1]["epoch"] == 2
+    np.testing.assert_allclose(read_history(h.history)["val_accuracy"],
+                               [row["val_accuracy"] for row in h])

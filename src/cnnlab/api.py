@@ -40,7 +40,8 @@ class Sequential(Model):
         A new model starts from weights seeded by `seed`; a trained one continues.
         Options are those of `cnnlab.training.TrainConfig` (epochs, batch_size, optimizer,
         lr, schedule, loss, augment, val_split, early_stopping, seed, device, engine, out).
-        Returns the history: one dict per epoch (loss, accuracy, val_loss, ...)."""
+        Returns a History: `.history` {"loss": [...], "accuracy": [...], "val_loss": ...},
+        `.epoch`; iterating gives one dict per epoch."""
         return _fit(self, x if y is None else (x, y), **options)
 
     def evaluate(self, data="mnist-5k", *, engine: str = "auto", batch_size: int = 256):

@@ -67,7 +67,7 @@ def format_metrics(logs: dict) -> str:
 
 class EpochProgress:
     """One progress bar per epoch (steps, ETA, running loss/accuracy), then one line
-    per epoch, like Keras' fit(verbose=1). verbose=0 prints nothing, 2 one line."""
+    per epoch, like Keras' fit(verbose=1). verbose=0 prints nothing, 2 one line per epoch."""
 
     def __init__(self, epochs: int, steps: int, verbose: int = 1, file=None):
         self.epochs, self.steps, self.verbose = epochs, steps, verbose
@@ -77,7 +77,8 @@ class EpochProgress:
 
     def start_epoch(self, epoch: int, start_step: int = 0):
         self.t0 = time.perf_counter()
-        if self.verbose == 0:
+        self.epoch = epoch
+        if self.verbose != 1:
             return
         print(f"Epoch {epoch + 1}/{self.epochs}", file=self.file, flush=True)
         if self.verbose == 1 and self.console.is_terminal:
@@ -103,8 +104,9 @@ class EpochProgress:
         if self.verbose:
             secs = time.perf_counter() - self.t0
             shown = {k: v for k, v in logs.items() if k in SHOWN}
-            print(f"{self.steps}/{self.steps} - {secs:.1f}s - {format_metrics(shown)}",
-                  file=self.file, flush=True)
+            head = f"{self.steps}/{self.steps}" if self.verbose == 1 else \
+                f"Epoch {self.epoch + 1}/{self.epochs}"
+            print(f"{head} - {secs:.1f}s - {format_metrics(shown)}", file=self.file, flush=True)
 
     def close(self):
         if self._progress is not None:

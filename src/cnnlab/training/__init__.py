@@ -8,7 +8,7 @@ from __future__ import annotations
 from .config import (OPTIMIZERS, SCHEDULES, TrainConfig, TrainingError, TrainingInterrupted,
                      scheduled_lr)
 from .loop import Trainer
-from .run import CHECKPOINT, default_run_dir, fit, resume_run
+from .run import CHECKPOINT, History, default_run_dir, fit, resume_run
 
-__all__ = ["CHECKPOINT", "OPTIMIZERS", "SCHEDULES", "TrainConfig", "Trainer", "TrainingError",
+__all__ = ["CHECKPOINT", "History", "OPTIMIZERS", "SCHEDULES", "TrainConfig", "Trainer", "TrainingError",
            "TrainingInterrupted", "default_run_dir", "fit", "resume_run", "scheduled_lr"]

@@ -29,6 +29,24 @@ CHECKPOINT = "checkpoint.safetensors"
 CHECKPOINT_FORMAT = "cnnlab-checkpoint"
 
 
+class History(list):
+    """What `fit` returns, as Keras' History: `.history` maps each metric to its values per
+    epoch, `.epoch` lists the epochs (0-based); it is also the list of per-epoch dicts."""
+
+    @property
+    def history(self) -> dict[str, list]:
+        keys = dict.fromkeys(k for row in self for k in row if k != "epoch")
+        return {k: [row.get(k) for row in self] for k in keys}
+
+    @property
+    def epoch(self) -> list[int]:
+        return [row["epoch"] - 1 for row in self]
+
+    @property
+    def params(self) -> dict:
+        return {"epochs": len(self)}
+
+
 class Run:
     """The files of a run directory (or none, for a run without `out`)."""
 
@@ -117,7 +135,7 @@ class Run:
         except KeyboardInterrupt:
             raise TrainingInterrupted(self.interrupted_message(at_once=True)) from None
         self.finish()
-        return history
+        return History(history)
 
     def finish(self):
         t = self.trainer
@@ -169,7 +187,8 @@ def default_run_dir(cfg: TrainConfig, model_name: str) -> Path:
 
 
 def fit(model, data="mnist-5k", /, *, resume: str | os.PathLike | None = None, **options):
-    """Train `model` in place on `data` and return the history (a list of per-epoch dicts).
+    """Train `model` in place on `data`; returns a History (Keras' `.history` dict of lists,
+    and the list of per-epoch dicts).
 
     data: a dataset name, a folder, a Dataset, or an (x, y) pair of arrays. Options are
     the fields of TrainConfig. A new model starts from weights seeded by `seed`; a trained
@@ -240,7 +259,7 @@ def resume_run(run_dir, model=None, epochs: int | None = None):
                 trainer.best_weights is not None:
             model.set_weights(trainer.best_weights)
         run.finish()
-        return trainer.history
+        return History(trainer.history)
     if cfg.verbose:
         print(f"Resuming {run_dir} at epoch {trainer.epoch + 1}, step {trainer.step_in_epoch}")
     if epochs is not None:
