@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from cnnlab import layers as L
 from cnnlab.engines.numpy.engine import NumpyEngine
 from cnnlab.engines.torch.backend import loss_fn
-from cnnlab.engines.torch.engine import TorchEngine, TorchNet, export_grads, load_weights
+from cnnlab.engines.torch.engine import (TorchEngine, TorchNet, export_grads, load_weights,
+                                        to_nchw)
 from cnnlab.model import Sequential
 
 torch.set_num_threads(1)
@@ -58,7 +59,10 @@ def dense(draw):
 def models(draw):
     """A valid Sequential: image layers, a flattening layer, flat layers, a softmax or
     1-unit sigmoid output (on the Dense or a separate Activation), trailing Flatten/Dropout."""
-    shape = (draw(st.integers(1, 7)), draw(st.integers(1, 7)), draw(st.sampled_from([1, 3])))
+    if draw(st.integers(0, 5)):
+        shape = (draw(st.integers(1, 7)), draw(st.integers(1, 7)), draw(st.sampled_from([1, 3])))
+    else:
+        shape = (draw(st.integers(1, 6)),)  # flat features
     layers = [L.Input(shape)]
 
     def add(layer):
@@ -71,9 +75,10 @@ def models(draw):
             layers.append(layer)
             shape = out
 
-    for _ in range(draw(st.integers(0, 4))):
+    for _ in range(draw(st.integers(0, 4)) if len(shape) == 3 else 0):
         add(draw(st.sampled_from([conv, conv, pool, batchnorm, dropout, activation]))(draw))
-    add(draw(st.sampled_from([L.Flatten, L.GlobalAvgPool2D, L.GlobalMaxPool2D]))())
+    if len(shape) == 3:
+        add(draw(st.sampled_from([L.Flatten, L.GlobalAvgPool2D, L.GlobalMaxPool2D]))())
     for _ in range(draw(st.integers(0, 2))):
         add(draw(st.sampled_from([dense, dense, batchnorm, dropout, activation]))(draw))
     out = draw(st.sampled_from(["softmax", "sigmoid"]))
@@ -141,8 +146,9 @@ def check_inference(model, x, rng):
               f"layer_output({out_layer}, pre_activation={pre})")
 
 
-def check_training(model, x, rng, label_smoothing):
-    """One training-mode forward/backward; Dropout off (the engines draw different masks)."""
+def check_training(model, x, rng, loss, label_smoothing):
+    """One training-mode forward/backward; Dropout off (the engines draw different masks).
+    loss: "crossentropy" (softmax or sigmoid, by the output) or "mse"."""
     model = model.copy()
     for layer in model.layers:
         if isinstance(layer, L.Dropout):
@@ -152,13 +158,13 @@ def check_training(model, x, rng, label_smoothing):
     net = TorchNet(model).double()
     load_weights(net, model)
     net.train()
-    logits_t = net(torch.from_numpy(x).permute(0, 3, 1, 2))
-    loss_t = loss_fn("sigmoid_bce" if sigmoid else "softmax_ce", logits_t, torch.from_numpy(y),
-                     label_smoothing)
+    logits_t = net(to_nchw(x, "cpu", torch.float64))
+    kind = "mse" if loss == "mse" else "sigmoid_bce" if sigmoid else "softmax_ce"
+    loss_t = loss_fn(kind, logits_t, torch.from_numpy(y), label_smoothing)
     loss_t.backward()
     ne = NumpyEngine(model, dtype=np.float64)
-    loss_n, logits_n, grads_n = ne.loss_and_grads(x, y, "categorical_crossentropy",
-                                                  label_smoothing)
+    loss_n, logits_n, grads_n = ne.loss_and_grads(
+        x, y, "mse" if loss == "mse" else "categorical_crossentropy", label_smoothing)
     close(loss_t.item(), loss_n, OUT_TOL, "loss")
     close(logits_t.detach().numpy(), logits_n, OUT_TOL, "training logits")
     grads_t = export_grads(net)
@@ -172,13 +178,13 @@ def check_training(model, x, rng, label_smoothing):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(models(), st.sampled_from([0.0, 0.1]))
-def test_engines_agree_on_random_architectures(case, label_smoothing):
+@given(models(), st.sampled_from(["crossentropy", "mse"]), st.sampled_from([0.0, 0.1]))
+def test_engines_agree_on_random_architectures(case, loss, label_smoothing):
     model, x, rng = case
     note(f"{model.to_json(indent=None)}, batch {len(x)}")
     check_param_count(model)
     check_inference(model, x, rng)
-    check_training(model, x, rng, label_smoothing)
+    check_training(model, x, rng, loss, label_smoothing)
 
 
 @pytest.mark.parametrize("dims", [(6, 1, 1), (1, 5, 1), (4, 4, 1)])
@@ -189,4 +195,4 @@ def test_batchnorm_on_one_value_per_channel_trains_as_numpy(dims):
     model = Sequential(layers)
     model.init_weights(1)
     x = np.random.default_rng(0).normal(size=(1, *dims))
-    check_training(model, x, np.random.default_rng(1), 0.0)
+    check_training(model, x, np.random.default_rng(1), "crossentropy", 0.0)
