@@ -1,13 +1,23 @@
-"""The PyTorch engine against hand calculations and explicit reference code."""
+"""The PyTorch engine against hand calculations, explicit reference code and the NumPy
+engine; its layer registry; its fixes; calls from many threads."""
+import math
+import threading
+
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
+from cnnlab import layers as L
 from cnnlab import zoo
-from cnnlab.engines.torch.engine import TorchEngine, TorchNet, export_weights, load_weights
+from cnnlab.engines.numpy.engine import NumpyEngine
+from cnnlab.engines.torch.engine import (MODULES, TorchEngine, TorchNet, export_grads,
+                                        export_weights, load_weights, to_nchw)
 from cnnlab.layers import (AvgPool2D, BatchNorm, Conv2D, Dense, Flatten,
                            GlobalAvgPool2D, GlobalMaxPool2D, Input, MaxPool2D)
 from cnnlab.model import Sequential
+
+torch.set_num_threads(1)
 
 
 def run(layers, x, weights=None):
@@ -85,7 +95,6 @@ def test_dense_and_activations_by_hand():
     np.testing.assert_allclose(act("sigmoid"), 1 / (1 + np.exp(-x[0])), rtol=1e-6)
     np.testing.assert_allclose(act("softplus"), np.log1p(np.exp(x[0])), rtol=1e-6)
     np.testing.assert_allclose(act("tanh"), np.tanh(x[0]), rtol=1e-6)
-    import math
     np.testing.assert_allclose(act("gelu"), [v * 0.5 * (1 + math.erf(v / math.sqrt(2)))
                                              for v in x[0]], rtol=1e-5, atol=1e-6)
     sm = act("softmax")
@@ -162,18 +171,7 @@ def test_vjp_gives_input_gradients_like_autograd():
     np.testing.assert_allclose(out, eng.forward(x), rtol=1e-5)
 
 
-# ------------------------------------------------------------------------------------
-# Layer registry, parity fixes and thread safety
-# ------------------------------------------------------------------------------------
-import threading  # noqa: E402
-
-import pytest  # noqa: E402
-
-from cnnlab import layers as L  # noqa: E402
-from cnnlab.engines.numpy.engine import NumpyEngine  # noqa: E402
-from cnnlab.engines.torch.engine import MODULES, export_grads, to_nchw  # noqa: E402
-
-torch.set_num_threads(1)
+# Layer registry, parity fixes and thread safety --------------------------------------
 
 
 def test_every_layer_kind_has_one_module():
@@ -438,3 +436,14 @@ def test_training_mode_forward_in_one_thread_leaves_inference_in_others_alone():
         stop.set()
         t.join()
     assert not np.allclose(seen[0], eng.forward(x))  # dropout was on in that thread
+
+
+def test_a_slice_of_the_network_runs_its_first_layers():
+    m = _inspect_model()
+    x = np.random.default_rng(4).normal(size=(2, 8, 8, 3)).astype(np.float32)
+    eng = TorchEngine(m, device="cpu")
+    with torch.no_grad():
+        head = eng.net[:3](to_nchw(x, "cpu"))
+    np.testing.assert_allclose(head.permute(0, 2, 3, 1).numpy(), eng.layer_output(x, 2),
+                               rtol=1e-6)
+    assert isinstance(eng.net[0], MODULES["Conv2D"])

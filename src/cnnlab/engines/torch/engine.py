@@ -303,8 +303,7 @@ class TorchNet(nn.Sequential):
 
     def __init__(self, model):
         mods = []
-        for i, (layer, (in_shape, out_shape)) in enumerate(zip(model.layers,
-                                                               model.layer_shapes)):
+        for layer, (in_shape, out_shape) in zip(model.layers, model.layer_shapes):
             if layer.type not in MODULES:
                 raise ValueError(f"the torch engine cannot run a {layer.type} layer")
             mods.append(MODULES[layer.type](layer, in_shape, out_shape))
@@ -315,6 +314,11 @@ class TorchNet(nn.Sequential):
             mods[self.final].act = Act("linear")
         for i, mod in enumerate(mods):
             mod.act.register_forward_hook(_hook(i))
+
+    def __getitem__(self, idx):
+        if isinstance(idx, slice):  # nn.Sequential would rebuild a TorchNet from modules
+            return nn.Sequential(*list(self)[idx])
+        return super().__getitem__(idx)
 
 
 def _hook(i: int):
