@@ -313,7 +313,7 @@ class TorchNet(nn.Sequential):
         if self.final is not None:
             mods[self.final].act = Act("linear")
         for i, mod in enumerate(mods):
-            mod.act.register_forward_hook(_hook(i))
+            mod.act.register_forward_hook(_Hook(i))
 
     def __getitem__(self, idx):
         if isinstance(idx, slice):  # nn.Sequential would rebuild a TorchNet from modules
@@ -321,13 +321,18 @@ class TorchNet(nn.Sequential):
         return super().__getitem__(idx)
 
 
-def _hook(i: int):
-    def hook(module, inputs, output):
+class _Hook:
+    """Forward hook on layer i's activation module: hands (i, pre, post) to this call's
+    tap, if any; what the tap returns becomes the layer's output."""
+
+    def __init__(self, i: int):
+        self.i = i
+
+    def __call__(self, module, inputs, output):
         call = _CALL.get()
         if call is None or call.tap is None:
             return None
-        return call.tap(i, inputs[0], output)
-    return hook
+        return call.tap(self.i, inputs[0], output)
 
 
 class _Tap:
