@@ -13,9 +13,10 @@ from hypothesis import strategies as st
 from cnnlab import layers as L
 from cnnlab.engines.numpy.engine import NumpyEngine
 from cnnlab.engines.torch.backend import loss_fn
+from cnnlab.losses import resolve_loss
 from cnnlab.engines.torch.engine import (TorchEngine, TorchNet, export_grads, load_weights,
                                         to_nchw)
-from cnnlab.model import Sequential
+from cnnlab import Sequential
 
 torch.set_num_threads(1)
 
@@ -159,12 +160,13 @@ def check_training(model, x, rng, loss, label_smoothing):
     load_weights(net, model)
     net.train()
     logits_t = net(to_nchw(x, "cpu", torch.float64))
-    kind = "mse" if loss == "mse" else "sigmoid_bce" if sigmoid else "softmax_ce"
+    name = "mse" if loss == "mse" else "categorical_crossentropy"
+    kind = resolve_loss(name, model)   # one rule for both engines
+    assert kind == ("mse_probs" if loss == "mse" else "sigmoid_bce" if sigmoid else "softmax_ce")
     loss_t = loss_fn(kind, logits_t, torch.from_numpy(y), label_smoothing)
     loss_t.backward()
     ne = NumpyEngine(model, dtype=np.float64)
-    loss_n, logits_n, grads_n = ne.loss_and_grads(
-        x, y, "mse" if loss == "mse" else "categorical_crossentropy", label_smoothing)
+    loss_n, logits_n, grads_n = ne.loss_and_grads(x, y, name, label_smoothing)
     close(loss_t.item(), loss_n, OUT_TOL, "loss")
     close(logits_t.detach().numpy(), logits_n, OUT_TOL, "training logits")
     grads_t = export_grads(net)
