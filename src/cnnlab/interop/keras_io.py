@@ -834,8 +834,9 @@ def keras_layers(model):
                 "pool_size": list(layer.pool_size), "padding": layer.padding,
                 "strides": list(layer.strides), "data_format": "channels_last"}), []))
         elif isinstance(layer, (L.GlobalAvgPool2D, L.GlobalMaxPool2D)):
-            cls = "GlobalAveragePooling2D" if isinstance(layer, L.GlobalAvgPool2D) \
-                else "GlobalMaxPooling2D"
+            # (GlobalMaxPool2D subclasses GlobalAvgPool2D: test the type name)
+            cls = "GlobalMaxPooling2D" if layer.type == "GlobalMaxPool2D" \
+                else "GlobalAveragePooling2D"
             out.append((_klayer(cls, layer.name, {"data_format": "channels_last",
                                                   "keepdims": False}), []))
         elif isinstance(layer, L.Flatten):

@@ -131,7 +131,7 @@ def build_onnx(model, layout="NHWC"):
             x = g.op("MaxPool" if isinstance(layer, L.MaxPool2D) else "AveragePool", [x],
                      layer.name, **kw)
         elif isinstance(layer, (L.GlobalAvgPool2D, L.GlobalMaxPool2D)):
-            op = "GlobalAveragePool" if isinstance(layer, L.GlobalAvgPool2D) else "GlobalMaxPool"
+            op = "GlobalMaxPool" if layer.type == "GlobalMaxPool2D" else "GlobalAveragePool"
             x = g.op("Flatten", [g.op(op, [x], layer.name)], axis=1)
         elif isinstance(layer, L.Flatten):
             if len(in_shape) == 3:
