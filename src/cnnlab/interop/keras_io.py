@@ -738,6 +738,8 @@ def import_keras(path, weights=None, classes=None):
         raise InteropError(f"{path}: no such file")
     what = str(path)
     try:
+        if path.suffix.lower() == ".keras" and not _is_zip(path):
+            raise InteropError(f"{path}: not a .keras file (not a zip archive, or truncated)")
         if _is_zip(path):
             config, h5, metadata = _read_keras_zip(path)
             with h5:
@@ -798,8 +800,9 @@ def _klayer(cls, name, cfg, input_shape=None):
 
 def keras_layers(model):
     """[(Keras layer entry, [weight arrays in Keras order])] for a cnnlab model."""
+    from ..preprocess import preprocessing_of
     out = []
-    prep = model.meta.get("preprocessing")
+    prep = preprocessing_of(model)
     c = model.input_shape[-1]
     if prep:  # (x * scale - mean) / std as Rescaling(scale', offset') on raw pixels
         std = np.asarray(prep["std"], np.float64)
@@ -863,6 +866,7 @@ def keras_layers(model):
 def export_keras(model, path) -> Path:
     """Write a Keras 3 .keras file (config.json, model.weights.h5, metadata.json)."""
     from ..atomic import atomic_writer
+    from ..preprocess import preprocessing_of
     h5py = _h5py()
     path = Path(path)
     entries = keras_layers(model)
@@ -892,7 +896,7 @@ def export_keras(model, path) -> Path:
     metadata = {"keras_version": KERAS_VERSION,
                 "date_saved": datetime.datetime.now().strftime("%Y-%m-%d@%H:%M:%S"),
                 "cnnlab": {"class_names": model.meta.get("class_names"),
-                           "preprocessing": model.meta.get("preprocessing")}}
+                           "preprocessing": preprocessing_of(model)}}
     zbuf = io.BytesIO()
     with zipfile.ZipFile(zbuf, "w") as z:
         z.writestr("metadata.json", json.dumps(metadata))

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import layers as L
+from ..preprocess import preprocessing_of
 from . import InteropError
 
 OPSET = 17
@@ -98,7 +99,7 @@ def build_onnx(model, layout="NHWC"):
     else:
         c, in_dims = shape[0], ["batch", shape[0]]
     x = "pixels"
-    prep = model.meta.get("preprocessing") or {"scale": 1 / 255, "mean": [0.0], "std": [1.0]}
+    prep = preprocessing_of(model)
     bshape = (c, 1, 1) if (image and layout == "NCHW") else (c,)
     mean = np.broadcast_to(np.asarray(prep["mean"], np.float32), (c,)).reshape(bshape)
     std = np.broadcast_to(np.asarray(prep["std"], np.float32), (c,)).reshape(bshape)
