@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
+torch = pytest.importorskip("torch", reason="Keras' torch backend needs PyTorch")
 keras = pytest.importorskip("keras", reason="keras (the test oracle) is not installed: "
                                             "pip install -e '.[test,interop]'")
 pytest.importorskip("h5py", reason="h5py is not installed: pip install -e '.[interop]'")
-torch = pytest.importorskip("torch", reason="Keras' torch backend needs PyTorch")
 
 import cnnlab  # noqa: E402
 from cnnlab import preprocess, zoo  # noqa: E402

@@ -222,7 +222,7 @@ def _store_for(h5, entries, what):
 
 
 # architecture ---------------------------------------------------------------------------
-def _refuse_code(entry_cls, name, cfg_or_entry):
+def _refuse_code(entry_cls, name):
     if entry_cls == "Lambda":
         raise InteropError(f"layer {name!r} (Lambda) holds Python code; cnnlab never runs code "
                            f"from a file: rebuild that step with the supported layers "
@@ -256,7 +256,7 @@ def _layer_entries(config, what):
         name = lcfg.get("name") or item.get("name") or f"layer_{i + 1}"
         if not isinstance(lcls, str):
             raise InteropError(f"{what}: layer {name!r} has no class name")
-        _refuse_code(lcls, name, item)
+        _refuse_code(lcls, name)
         module = item.get("module")
         registered = item.get("registered_name")
         if (module is not None and not str(module).startswith("keras")) or (
@@ -390,6 +390,8 @@ class _Converter:
         self.sources: list = []         # per cnnlab layer: (keras entry or None, flags)
         self.notes: list[str] = []
         self.preprocessing = None
+        self.pending_pad = None         # "layer 'x' (ZeroPadding2D)" waiting for its Conv2D
+        self.pad_value = None
         formats = {e["config"].get("data_format") or "channels_last"
                    for e in entries if e["class_name"] in SPATIAL}
         if len(formats) > 1:
@@ -616,9 +618,6 @@ class _Converter:
         self.notes.append(f"Rescaling(scale={cfg.get('scale')}, offset={cfg.get('offset', 0.0)}) "
                           f"became the input preprocessing: mean {np.round(mean, 6).tolist()}, "
                           f"std {np.round(std, 6).tolist()} (on pixels / 255)")
-
-    pending_pad = None
-    pad_value = None
 
 
 # loading --------------------------------------------------------------------------------
