@@ -384,3 +384,22 @@ def test_refusals_name_the_layer(tmp_path):
     keras.Model(inp, KL.Dense(2)(KL.Flatten()(KL.Add()([a, b])))).save(tmp_path / "br.keras")
     with pytest.raises(InteropError, match=r"'add\w*' \(Add\) takes 2 inputs; .*single chain"):
         import_keras(tmp_path / "br.keras")
+
+
+def test_augmentation_layers_are_left_out(tmp_path):
+    """The image-classification tutorial's model: a data_augmentation Sequential, then
+    Rescaling, convolutions and a logits head."""
+    augment = keras.Sequential([KL.RandomFlip("horizontal"), KL.RandomRotation(0.1),
+                                KL.RandomZoom(0.1)], name="data_augmentation")
+    km = randomize(keras.Sequential([
+        keras.Input((12, 12, 3)), augment, KL.Rescaling(1 / 255),
+        KL.Conv2D(4, 3, padding="same", activation="relu"), KL.MaxPooling2D(),
+        KL.GaussianNoise(0.1), KL.Dropout(0.2), KL.Flatten(), KL.Dense(8, activation="relu"),
+        KL.Dense(5)]), 11)
+    x = np.random.default_rng(3).integers(0, 256, (3, 12, 12, 3), dtype=np.uint8)
+    for path, kw in save_all(km, tmp_path)[:2]:
+        model, notes = check_import(path, km, "linear", x, **kw)
+        assert [ly.type for ly in model.layers] == ["Conv2D", "MaxPool2D", "Dropout", "Flatten",
+                                                    "Dense", "Dense"]
+        assert any("data_augmentation: Sequential left out" in n for n in notes)
+        assert model.meta["preprocessing"]["std"] == [1.0] * 3

@@ -39,13 +39,17 @@ SUPPORTED = ("InputLayer, Conv2D, MaxPooling2D, AveragePooling2D, GlobalAverageP
              "GlobalMaxPooling2D, Flatten, Dense, Dropout, SpatialDropout2D, "
              "BatchNormalization, Activation, ReLU, LeakyReLU (slope 0.2), ELU (alpha 1), "
              "Softmax, ZeroPadding2D (before a 'valid' Conv2D), Rescaling (first layer), "
-             "Reshape (to one axis)")
+             "Reshape (to one axis); augmentation layers (RandomFlip, ...) are left out")
 ALIASES = {"Convolution2D": "Conv2D", "MaxPool2D": "MaxPooling2D",
            "AvgPool2D": "AveragePooling2D", "GlobalAvgPool2D": "GlobalAveragePooling2D",
            "GlobalMaxPool2D": "GlobalMaxPooling2D"}
 SPATIAL = ("Conv2D", "MaxPooling2D", "AveragePooling2D", "GlobalAveragePooling2D",
            "GlobalMaxPooling2D", "ZeroPadding2D")
 MODEL_CLASSES = ("Sequential", "Functional", "Model")
+# identity at inference: left out of the imported model (cnnlab augments in training)
+INFERENCE_IDENTITY = ("RandomFlip", "RandomRotation", "RandomZoom", "RandomTranslation",
+                      "RandomContrast", "RandomBrightness", "GaussianNoise", "GaussianDropout",
+                      "AlphaDropout", "ActivityRegularization")
 
 
 # reading the containers ------------------------------------------------------------------
@@ -360,6 +364,14 @@ def _activation(value, where):
     return value
 
 
+def _only_augmentation(cfg):
+    """A nested Sequential of augmentation layers only (the tutorials' data_augmentation)."""
+    inner = cfg.get("layers") if isinstance(cfg, dict) else None
+    return isinstance(inner, list) and bool(inner) and all(
+        isinstance(x, dict) and x.get("class_name") in INFERENCE_IDENTITY + ("InputLayer",)
+        for x in inner)
+
+
 def _ints(value, n, where):
     if isinstance(value, int) and not isinstance(value, bool):
         return [value] * n
@@ -445,6 +457,10 @@ class _Converter:
         lname = name if re.fullmatch(r"[A-Za-z0-9_\-]+", name or "") else None
         if i > 0 and cls == "InputLayer":
             raise InteropError(f"{where}: a second input layer inside the model")
+        if cls in INFERENCE_IDENTITY or (cls == "Sequential" and _only_augmentation(cfg)):
+            self.notes.append(f"{name}: {e['real_class']} left out (it does nothing at "
+                              "inference; use cnnlab's --augment when training)")
+            return i + 1
         if cls in MODEL_CLASSES:
             raise InteropError(f"{where}: a model nested inside the model; cnnlab reads one "
                                "Sequential or linear Functional model (flatten it in Keras "
