@@ -176,6 +176,18 @@ def test_weights_only_and_architecture_only(tmp_path, good):
         import_keras(arch)
     model, _ = import_keras(arch, weights=w)    # the pair works
     assert model.count_params() == small_model().count_params()
+    with pytest.raises(InteropError, match=r"a .keras file holds its weights; --weights goes "
+                                           r"with a .json architecture"):
+        import_keras(_keras(tmp_path, members), weights=w)
+    own = tmp_path / "cnnlab.json"
+    own.write_text(small_model().to_json())
+    with pytest.raises(InteropError, match=r"cnnlab.json: not a Keras model config "
+                                           r"\(no class_name"):
+        import_keras(own, weights=w)
+
+
+def _keras(tmp_path, members):
+    return write_zip(tmp_path / "again.keras", members)
 
 
 def test_model_file_errors_are_model_file_errors(tmp_path):

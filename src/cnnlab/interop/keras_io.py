@@ -243,6 +243,9 @@ def _layer_entries(config, what):
         raise InteropError(f"{what}: the model config is not a JSON object")
     cls = config.get("class_name")
     cfg = config.get("config")
+    if cls is None:
+        raise InteropError(f"{what}: not a Keras model config (no class_name; a cnnlab .json "
+                           "description is used as it is: cnnlab summary/train FILE.json)")
     if cls not in MODEL_CLASSES:
         raise InteropError(f"{what}: the file holds a {cls!r}, not a Sequential or Functional "
                            "model")
@@ -756,11 +759,15 @@ def import_keras(path, weights=None, classes=None):
         if path.suffix.lower() == ".keras" and not _is_zip(path):
             raise InteropError(f"{path}: not a .keras file (not a zip archive, or truncated)")
         if _is_zip(path):
+            if weights:
+                raise InteropError(f"{path}: a .keras file holds its weights; --weights goes "
+                                   "with a .json architecture")
             config, h5, metadata = _read_keras_zip(path)
             with h5:
                 return _build(config, h5, what, metadata, classes)
         if path.suffix == ".json":
             config = _json(path.read_bytes()[:MAX_JSON_BYTES + 1], what)
+            _Converter(_layer_entries(config, what)[2], what).run()  # its errors name the JSON
             wpath = Path(weights) if weights else _guess_weights(path)
             if not _is_h5(wpath):
                 raise InteropError(f"{wpath}: not an HDF5 weights file")
