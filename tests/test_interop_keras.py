@@ -140,7 +140,7 @@ def save_all(km, d):
             (d / "m.json", {"weights": d / "m.h5"})]   # JSON + legacy-layout weights
 
 
-@pytest.mark.parametrize("seed", range(int(os.environ.get("N_ARCH", 6))))
+@pytest.mark.parametrize("seed", range(int(os.environ.get("N_ARCH", 10))))
 def test_random_architectures_all_formats_both_engines(tmp_path, seed):
     layers, final = random_architecture(seed)
     km = randomize(keras.Sequential(layers), seed)

@@ -620,11 +620,16 @@ class _Converter:
         vals = []
         for key, default in (("scale", 1.0), ("offset", 0.0)):
             v = cfg.get(key, default)
-            arr = np.asarray(v, dtype=np.float64).reshape(-1) if not isinstance(v, dict) \
-                else None
-            if arr is None or arr.size not in (1, c) or (arr.size > 1 and self.channels_first
-                                                         and c > 1):
+            try:
+                arr = np.asarray(v, dtype=np.float64).reshape(-1)
+            except (TypeError, ValueError):
+                arr = None
+            if arr is None or arr.size not in (1, c):
                 raise InteropError(f"{where}: {key} {v!r} must be a number or one per channel")
+            if arr.size > 1 and self.channels_first:
+                raise InteropError(f"{where}: a per-channel {key} in a channels_first model is "
+                                   "not supported (Keras applies it by the global "
+                                   "image_data_format)")
             vals.append(np.broadcast_to(arr, (c,)))
         scale, offset = vals
         if np.any(scale <= 0) or not np.all(np.isfinite(scale)) \
