@@ -237,3 +237,18 @@ def test_cli_hostile_file_writes_nothing(tmp_path, good):
     assert "unsafe member name" in lines[0]
     assert sorted(os.listdir(d)) == ["trav.keras"]
     assert not (tmp_path / "escape.txt").exists()
+
+
+def test_import_needs_neither_keras_nor_tensorflow(good):
+    """Reading is h5py + zipfile + json: with keras and tensorflow made unimportable the
+    import still works, and neither gets loaded."""
+    path, _ = good
+    code = ("import sys; sys.modules['keras'] = sys.modules['tensorflow'] = None\n"
+            "from cnnlab.interop.keras_io import import_keras\n"
+            f"model, _ = import_keras({str(path)!r})\n"
+            "print(model.count_params()[0], sorted(m for m in sys.modules\n"
+            "      if m.split('.')[0] in ('keras', 'tensorflow') and sys.modules[m]))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(small_model().count_params()[0]), "[]"]
