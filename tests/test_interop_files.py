@@ -17,7 +17,8 @@ h5py = pytest.importorskip("h5py", reason="h5py is not installed: pip install -e
 from cnnlab import Conv2D, Dense, Flatten, Input, Sequential  # noqa: E402
 from cnnlab.fileformat import ModelFileError  # noqa: E402
 from cnnlab.interop import InteropError  # noqa: E402
-from cnnlab.interop.keras_io import export_keras, import_keras  # noqa: E402
+from cnnlab.interop.keras_export import export_keras  # noqa: E402
+from cnnlab.interop.keras_import import import_keras  # noqa: E402
 
 
 def small_model():
@@ -244,7 +245,7 @@ def test_import_needs_neither_keras_nor_tensorflow(good):
     import still works, and neither gets loaded."""
     path, _ = good
     code = ("import sys; sys.modules['keras'] = sys.modules['tensorflow'] = None\n"
-            "from cnnlab.interop.keras_io import import_keras\n"
+            "from cnnlab.interop.keras_import import import_keras\n"
             f"model, _ = import_keras({str(path)!r})\n"
             "print(model.count_params()[0], sorted(m for m in sys.modules\n"
             "      if m.split('.')[0] in ('keras', 'tensorflow') and sys.modules[m]))")

@@ -20,7 +20,8 @@ import cnnlab  # noqa: E402
 from cnnlab import preprocess, zoo  # noqa: E402
 from cnnlab.engines import get_engine  # noqa: E402
 from cnnlab.interop import InteropError  # noqa: E402
-from cnnlab.interop.keras_io import export_keras, import_keras  # noqa: E402
+from cnnlab.interop.keras_export import export_keras  # noqa: E402
+from cnnlab.interop.keras_import import import_keras  # noqa: E402
 
 KL = keras.layers
 # Keras' torch backend converts tensors with np.array(x), which NumPy 2 warns about

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ..fileformat import ModelFileError
 
-KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
+LEAKY_SLOPE = 0.2   # cnnlab's leaky_relu negative slope (Keras 3's activation default)
 
 
 class InteropError(ModelFileError, ValueError):
@@ -18,12 +18,12 @@ class InteropError(ModelFileError, ValueError):
 
 
 def import_keras(path, weights=None, classes=None):
-    from .keras_io import import_keras as _imp
+    from .keras_import import import_keras as _imp
     return _imp(path, weights=weights, classes=classes)
 
 
 def export_keras(model, path):
-    from .keras_io import export_keras as _exp
+    from .keras_export import export_keras as _exp
     return _exp(model, path)
 
 

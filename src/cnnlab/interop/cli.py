@@ -63,7 +63,7 @@ def run(args) -> int:
 
 
 def run_import(args) -> int:
-    from .keras_io import import_keras
+    from .keras_import import import_keras
     src = Path(args.file)
     classes = None
     if args.classes is not None:
@@ -107,7 +107,7 @@ def run_export(args) -> int:
               "preprocessing inside the graph\n"
               f"  output 'probabilities' float32 (batch, {model.num_classes})")
     else:
-        from .keras_io import export_keras
+        from .keras_export import export_keras
         export_keras(model, out)
         print(f"Saved {out} (Keras 3; input: raw pixel values 0..255, its first layer "
               "applies the preprocessing)\n"

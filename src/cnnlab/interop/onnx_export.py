@@ -23,10 +23,9 @@ import numpy as np
 
 from .. import layers as L
 from ..preprocess import preprocessing_of
-from . import InteropError
+from . import LEAKY_SLOPE, InteropError
 
 OPSET = 17
-LEAKY_SLOPE = 0.2
 
 
 def _onnx():

@@ -1,40 +1,27 @@
-"""Keras model files <-> cnnlab models, with h5py, zipfile and json only.
+"""Keras architectures -> cnnlab models (the import).
 
-Read:
-  .keras       a zip: config.json (architecture), model.weights.h5 (weights under
-               layers/<key>/vars/<i>, key = the class name in snake case plus a counter),
-               metadata.json
-  .h5          legacy full model (Keras 2, tf.keras, Keras 3's model.save("x.h5")):
-               attribute model_config (JSON) and group model_weights/<layer>/<weight name>
-  .json + .h5  model.to_json() beside save_weights(): weights in either layout
-
-Nothing in a file is executed: Lambda layers and custom objects are refused by name, and
-the zip is read in memory (nothing is extracted). Sequential and linear Functional models
-map onto cnnlab's layers; channels_first models are transposed to channels-last.
-
-Written: a Keras 3 `.keras` file (the same layout) that `keras.saving.load_model` reads.
+Formats: Keras 3 `.keras`, legacy full-model `.h5` (Keras 2, tf.keras, Keras 3's
+model.save("x.h5")), and model.to_json() beside save_weights() (weights in either layout).
+Sequential and single-chain Functional models map onto cnnlab's layers; channels_first
+models are transposed to channels-last. Nothing in a file is executed: Lambda layers and
+custom objects are refused by name.
 """
 from __future__ import annotations
 
-import datetime
-import io
-import json
 import re
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from .. import layers as L
 from ..layers import ModelError
-from . import InteropError
+from . import LEAKY_SLOPE, InteropError
+from .keras_files import (MAX_JSON_BYTES, is_h5, is_zip, open_h5, read_json,
+                          read_keras_zip, store_for)
 
-MAX_JSON_BYTES = 16 << 20          # an architecture is a few kB
-MAX_WEIGHT_BYTES = 2 << 30         # the weights file inside a .keras zip
 MAX_PARAMS = 300_000_000           # 1.2 GB of float32: far above any model cnnlab trains
 CNNLAB_ACTIVATIONS = {"linear", "relu", "leaky_relu", "elu", "gelu", "sigmoid", "tanh",
                       "softplus", "softmax"}
-LEAKY_SLOPE = 0.2                  # cnnlab's leaky_relu (Keras 3's activation default)
 SUPPORTED = ("InputLayer, Conv2D, MaxPooling2D, AveragePooling2D, GlobalAveragePooling2D, "
              "GlobalMaxPooling2D, Flatten, Dense, Dropout, SpatialDropout2D, "
              "BatchNormalization, Activation, ReLU, LeakyReLU (slope 0.2), ELU (alpha 1), "
@@ -50,179 +37,6 @@ MODEL_CLASSES = ("Sequential", "Functional", "Model")
 INFERENCE_IDENTITY = ("RandomFlip", "RandomRotation", "RandomZoom", "RandomTranslation",
                       "RandomContrast", "RandomBrightness", "GaussianNoise", "GaussianDropout",
                       "AlphaDropout", "ActivityRegularization")
-
-
-# reading the containers ------------------------------------------------------------------
-def _h5py():
-    try:
-        import h5py
-    except ImportError:
-        raise InteropError("reading Keras files needs h5py: pip install 'cnnlab[interop]'") \
-            from None
-    return h5py
-
-
-def _json(raw, what):
-    if isinstance(raw, bytes):
-        try:
-            raw = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise InteropError(f"{what} is not UTF-8 text") from None
-    if len(raw) > MAX_JSON_BYTES:
-        raise InteropError(f"{what} is larger than {MAX_JSON_BYTES >> 20} MB")
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise InteropError(f"{what} is not valid JSON: {e}") from None
-
-
-def _safe_member(name: str) -> bool:
-    parts = name.replace("\\", "/").split("/")
-    return not (name.startswith(("/", "\\")) or ".." in parts or re.match(r"^[A-Za-z]:", name)
-                or "\x00" in name)
-
-
-def _read_member(z, name, limit):
-    info = z.getinfo(name)
-    if info.file_size > limit:
-        raise InteropError(f"{name} inside the zip claims {info.file_size:,} bytes "
-                           f"(limit {limit:,})")
-    with z.open(info) as f:
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise InteropError(f"{name} inside the zip unpacks past {limit:,} bytes")
-    return data
-
-
-def _read_keras_zip(path: Path):
-    """(config, h5 file object, metadata) from a .keras zip, read in memory."""
-    try:
-        z = zipfile.ZipFile(path)
-    except zipfile.BadZipFile:
-        raise InteropError(f"{path}: not a .keras file (not a zip archive, or truncated)") \
-            from None
-    with z:
-        names = z.namelist()
-        bad = [n for n in names if not _safe_member(n)]
-        if bad:
-            raise InteropError(f"{path}: refused: the zip holds an unsafe member name "
-                               f"{bad[0]!r} (absolute or with '..')")
-        if "config.json" not in names:
-            raise InteropError(f"{path}: not a Keras 3 .keras file (no config.json in the zip)")
-        try:
-            config = _json(_read_member(z, "config.json", MAX_JSON_BYTES), "config.json")
-            metadata = {}
-            if "metadata.json" in names:
-                metadata = _json(_read_member(z, "metadata.json", MAX_JSON_BYTES),
-                                 "metadata.json")
-            if "model.weights.h5" not in names:
-                if "model.weights.json" in names:
-                    raise InteropError(f"{path}: sharded weights are not supported")
-                raise InteropError(f"{path}: the .keras file holds no model.weights.h5")
-            data = _read_member(z, "model.weights.h5", MAX_WEIGHT_BYTES)
-        except (zipfile.BadZipFile, EOFError, OSError) as e:  # bad CRC, truncated member
-            raise InteropError(f"{path}: damaged zip archive: {e}") from None
-    try:
-        h5 = _h5py().File(io.BytesIO(data), "r")
-    except OSError:
-        raise InteropError(f"{path}: model.weights.h5 inside is not a readable HDF5 file "
-                           "(damaged or truncated)") from None
-    return config, h5, metadata if isinstance(metadata, dict) else {}
-
-
-def _open_h5(path: Path):
-    try:
-        return _h5py().File(path, "r")
-    except OSError:
-        raise InteropError(f"{path}: not a readable HDF5 file (damaged or truncated)") from None
-
-
-def _attr_str(value):
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
-# weights stores -------------------------------------------------------------------------
-def _roles(entry) -> list[str]:
-    """The weight names of a Keras layer, in Keras' creation order."""
-    cls, cfg = entry["class_name"], entry["config"]
-    if cls in ("Conv2D", "Dense"):
-        return ["kernel"] + (["bias"] if cfg.get("use_bias", True) else [])
-    if cls == "BatchNormalization":
-        return ((["gamma"] if cfg.get("scale", True) else [])
-                + (["beta"] if cfg.get("center", True) else [])
-                + ["moving_mean", "moving_variance"])
-    return []
-
-
-def _snake(name):
-    name = re.sub(r"\W+", "", name)
-    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
-    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
-
-
-class _Keras3Store:
-    """Keras 3 weights (model.weights.h5 / *.weights.h5): layers/<key>/vars/<i>."""
-
-    def __init__(self, h5, entries):
-        self.group = h5["layers"]
-        self.keys, used = {}, {}
-        for e in entries:  # the key is the class name, not the layer name
-            base = _snake(e["real_class"])
-            k = used.get(base)
-            used[base] = 0 if k is None else k + 1
-            self.keys[e["name"]] = base if k is None else f"{base}_{k + 1}"
-
-    def get(self, entry):
-        roles = _roles(entry)
-        key = self.keys.get(entry["name"])
-        vars_ = self.group.get(f"{key}/vars") if key and key in self.group else None
-        n = len(vars_) if vars_ is not None else 0
-        if n != len(roles):
-            raise InteropError(f"layer {entry['name']!r}: the weights file holds {n} arrays "
-                               f"for it under layers/{key}, the architecture needs "
-                               f"{len(roles)} ({', '.join(roles)})")
-        return {role: vars_[str(i)] for i, role in enumerate(roles)}
-
-
-class _LegacyStore:
-    """Keras 2 / tf.keras HDF5 weights: <group>/<layer name>/<weight path>, listed in the
-    group's `layer_names` and each layer's `weight_names` attributes."""
-
-    def __init__(self, group):
-        self.group = group
-        self.names = {_attr_str(n) for n in group.attrs.get("layer_names", [])}
-
-    def get(self, entry):
-        roles = _roles(entry)
-        name = entry["name"]
-        if name not in self.names or name not in self.group:
-            if not roles:
-                return {}
-            raise InteropError(f"layer {name!r}: no weights for it in the weights file")
-        g = self.group[name]
-        out = {}
-        for wname in g.attrs.get("weight_names", []):
-            wname = _attr_str(wname)
-            role = wname.rsplit("/", 1)[-1].split(":")[0]
-            if role in roles:
-                if wname not in g:
-                    raise InteropError(f"layer {name!r}: weight {wname!r} is listed but absent")
-                out[role] = g[wname]
-        missing = [r for r in roles if r not in out]
-        if missing:
-            raise InteropError(f"layer {name!r}: the weights file lacks {', '.join(missing)}")
-        return out
-
-
-def _store_for(h5, entries, what):
-    if "layers" in h5 and "layer_names" not in h5.attrs:
-        return _Keras3Store(h5, entries)
-    if "model_weights" in h5:
-        return _LegacyStore(h5["model_weights"])
-    if "layer_names" in h5.attrs:
-        return _LegacyStore(h5)
-    raise InteropError(f"{what}: no Keras weights in this HDF5 file (neither layers/ nor "
-                       "model_weights/ nor layer_names)")
 
 
 # architecture ---------------------------------------------------------------------------
@@ -678,7 +492,7 @@ def _build(config, h5, what, metadata=None, classes=None):
     if total > MAX_PARAMS:
         raise InteropError(f"{what}: the architecture has {total:,} parameters (limit "
                            f"{MAX_PARAMS:,})")
-    store = _store_for(h5, all_entries, what)
+    store = store_for(h5, all_entries, what)
     shapes = model.param_shapes()
     weights, perm = {}, None
     for layer, (in_shape, _), (entry, flags) in zip(model.layers, model.layer_shapes,
@@ -744,15 +558,6 @@ def _same_prep(a, b):
         return False
 
 
-def _is_zip(path):
-    with open(path, "rb") as f:
-        return f.read(4) == b"PK\x03\x04"
-
-
-def _is_h5(path):
-    with open(path, "rb") as f:
-        return f.read(8) == b"\x89HDF\r\n\x1a\n"
-
 
 def import_keras(path, weights=None, classes=None):
     """(cnnlab Sequential, notes) from a Keras file. Raises InteropError."""
@@ -761,33 +566,33 @@ def import_keras(path, weights=None, classes=None):
         raise InteropError(f"{path}: no such file")
     what = str(path)
     try:
-        if path.suffix.lower() == ".keras" and not _is_zip(path):
+        if path.suffix.lower() == ".keras" and not is_zip(path):
             raise InteropError(f"{path}: not a .keras file (not a zip archive, or truncated)")
-        if _is_zip(path):
+        if is_zip(path):
             if weights:
                 raise InteropError(f"{path}: a .keras file holds its weights; --weights goes "
                                    "with a .json architecture")
-            config, h5, metadata = _read_keras_zip(path)
+            config, h5, metadata = read_keras_zip(path)
             with h5:
                 return _build(config, h5, what, metadata, classes)
         if path.suffix == ".json":
-            config = _json(path.read_bytes()[:MAX_JSON_BYTES + 1], what)
+            config = read_json(path.read_bytes()[:MAX_JSON_BYTES + 1], what)
             _Converter(_layer_entries(config, what)[2], what).run()  # its errors name the JSON
             wpath = Path(weights) if weights else _guess_weights(path)
-            if not _is_h5(wpath):
+            if not is_h5(wpath):
                 raise InteropError(f"{wpath}: not an HDF5 weights file")
-            with _open_h5(wpath) as h5:
+            with open_h5(wpath) as h5:
                 return _build(config, h5, str(wpath), None, classes)
-        if _is_h5(path):
-            with _open_h5(path) as h5:
+        if is_h5(path):
+            with open_h5(path) as h5:
                 raw = h5.attrs.get("model_config")
                 if raw is None:
                     raise InteropError(f"{path}: this HDF5 file holds weights only; give the "
                                        "architecture: cnnlab import model.json --weights "
                                        f"{path.name}")
-                config = _json(raw, f"{path}: model_config")
+                config = read_json(raw, f"{path}: model_config")
                 if weights:
-                    with _open_h5(Path(weights)) as wh5:
+                    with open_h5(Path(weights)) as wh5:
                         return _build(config, wh5, str(weights), None, classes)
                 return _build(config, h5, what, None, classes)
     except OSError as e:
@@ -805,130 +610,3 @@ def _guess_weights(json_path: Path) -> Path:
             return cand
     raise InteropError(f"{json_path}: the JSON holds only the architecture; pass the weights "
                        "with --weights FILE.h5")
-
-
-# writing .keras -------------------------------------------------------------------------
-KERAS_VERSION = "3.15.1"   # the version the written files are tested with
-
-
-def _dtype_cfg():
-    return {"module": "keras", "class_name": "DTypePolicy", "config": {"name": "float32"},
-            "registered_name": None}
-
-
-def _klayer(cls, name, cfg, input_shape=None):
-    out = {"module": "keras.layers", "class_name": cls,
-           "config": {"name": name, "trainable": True, "dtype": _dtype_cfg(), **cfg},
-           "registered_name": None}
-    if input_shape is not None:
-        out["build_config"] = {"input_shape": [None, *input_shape]}
-    return out
-
-
-def keras_layers(model):
-    """[(Keras layer entry, [weight arrays in Keras order])] for a cnnlab model."""
-    from ..preprocess import preprocessing_of
-    out = []
-    prep = preprocessing_of(model)
-    c = model.input_shape[-1]
-    if prep:  # (x * scale - mean) / std as Rescaling(scale', offset') on raw pixels
-        std = np.asarray(prep["std"], np.float64)
-        scale = np.broadcast_to(float(prep["scale"]) / std, (c,))
-        offset = np.broadcast_to(-np.asarray(prep["mean"], np.float64) / std, (c,))
-        sc = float(scale[0]) if np.all(scale == scale[0]) else [float(v) for v in scale]
-        of = float(offset[0]) if np.all(offset == offset[0]) else [float(v) for v in offset]
-        out.append((_klayer("Rescaling", "rescaling_input", {"scale": sc, "offset": of}), []))
-    for layer, (in_shape, _) in zip(model.layers, model.layer_shapes):
-        w = [model.weights[f"{layer.name}.{p}"] for p in layer.param_shapes(in_shape)]
-        if isinstance(layer, L.Conv2D):
-            pad = layer.padding
-            if pad not in ("valid", "same"):
-                if pad == "full":
-                    kh, kw = layer.kernel_size
-                    ph, pw = kh - 1, kw - 1
-                else:
-                    ph, pw = L._pair(pad, "padding")
-                out.append((_klayer("ZeroPadding2D", f"{layer.name}_pad",
-                                    {"padding": [[ph, ph], [pw, pw]],
-                                     "data_format": "channels_last"}), []))
-                in_shape = (in_shape[0] + 2 * ph, in_shape[1] + 2 * pw, in_shape[2])
-                pad = "valid"
-            cfg = {"filters": layer.filters, "kernel_size": list(layer.kernel_size),
-                   "strides": list(layer.strides), "padding": pad,
-                   "data_format": "channels_last", "dilation_rate": [1, 1], "groups": 1,
-                   "activation": layer.activation, "use_bias": layer.use_bias}
-            out.append((_klayer("Conv2D", layer.name, cfg, in_shape), w))
-        elif isinstance(layer, (L.MaxPool2D, L.AvgPool2D)):
-            cls = "MaxPooling2D" if isinstance(layer, L.MaxPool2D) else "AveragePooling2D"
-            out.append((_klayer(cls, layer.name, {
-                "pool_size": list(layer.pool_size), "padding": layer.padding,
-                "strides": list(layer.strides), "data_format": "channels_last"}), []))
-        elif isinstance(layer, (L.GlobalAvgPool2D, L.GlobalMaxPool2D)):
-            # (GlobalMaxPool2D subclasses GlobalAvgPool2D: test the type name)
-            cls = "GlobalMaxPooling2D" if layer.type == "GlobalMaxPool2D" \
-                else "GlobalAveragePooling2D"
-            out.append((_klayer(cls, layer.name, {"data_format": "channels_last",
-                                                  "keepdims": False}), []))
-        elif isinstance(layer, L.Flatten):
-            out.append((_klayer("Flatten", layer.name, {"data_format": "channels_last"}), []))
-        elif isinstance(layer, L.Dense):
-            out.append((_klayer("Dense", layer.name, {
-                "units": layer.units, "activation": layer.activation,
-                "use_bias": layer.use_bias}, in_shape), w))
-        elif isinstance(layer, L.Dropout):
-            out.append((_klayer("Dropout", layer.name, {"rate": layer.rate, "seed": None,
-                                                        "noise_shape": None}), []))
-        elif isinstance(layer, L.BatchNorm):
-            out.append((_klayer("BatchNormalization", layer.name, {
-                "axis": -1, "momentum": layer.momentum, "epsilon": layer.epsilon,
-                "center": True, "scale": True}, in_shape), w))
-        elif isinstance(layer, L.Activation):
-            out.append((_klayer("Activation", layer.name, {"activation": layer.activation}),
-                        []))
-        else:
-            raise InteropError(f"layer {layer.name!r} ({layer.type}) has no Keras export")
-    return out
-
-
-def export_keras(model, path) -> Path:
-    """Write a Keras 3 .keras file (config.json, model.weights.h5, metadata.json)."""
-    from ..atomic import atomic_writer
-    from ..preprocess import preprocessing_of
-    h5py = _h5py()
-    path = Path(path)
-    entries = keras_layers(model)
-    inp = {"module": "keras.layers", "class_name": "InputLayer",
-           "config": {"batch_shape": [None, *model.input_shape], "dtype": "float32",
-                      "sparse": False, "ragged": False, "name": "input_layer",
-                      "optional": False}, "registered_name": None}
-    config = {"module": "keras", "class_name": "Sequential",
-              "config": {"name": model.name, "trainable": True, "dtype": _dtype_cfg(),
-                         "layers": [inp] + [e for e, _ in entries]},
-              "registered_name": None,
-              "build_config": {"input_shape": [None, *model.input_shape]}}
-    buf = io.BytesIO()
-    with h5py.File(buf, "w") as f:
-        layers_g = f.create_group("layers")
-        used = {}
-        for entry, arrays in entries:
-            base = _snake(entry["class_name"])
-            k = used.get(base)
-            used[base] = 0 if k is None else k + 1
-            g = layers_g.create_group(base if k is None else f"{base}_{k + 1}")
-            v = g.create_group("vars")
-            v.attrs["name"] = entry["config"]["name"]
-            for i, arr in enumerate(arrays):
-                v.create_dataset(str(i), data=np.asarray(arr, np.float32))
-        f.create_group("vars").attrs["name"] = model.name
-    metadata = {"keras_version": KERAS_VERSION,
-                "date_saved": datetime.datetime.now().strftime("%Y-%m-%d@%H:%M:%S"),
-                "cnnlab": {"class_names": model.meta.get("class_names"),
-                           "preprocessing": preprocessing_of(model)}}
-    zbuf = io.BytesIO()
-    with zipfile.ZipFile(zbuf, "w") as z:
-        z.writestr("metadata.json", json.dumps(metadata))
-        z.writestr("config.json", json.dumps(config))
-        z.writestr("model.weights.h5", buf.getvalue())
-    with atomic_writer(path) as f:
-        f.write(zbuf.getvalue())
-    return path
