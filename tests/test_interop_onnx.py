@@ -120,3 +120,26 @@ def test_trained_model_same_accuracy_in_onnxruntime(tmp_path):
     assert acc_cnnlab > 0.85         # it did learn
     assert acc_onnx == acc_cnnlab
     np.testing.assert_allclose(ox, cn, atol=1e-5)
+
+
+def test_cli_export_onnx(tmp_path):
+    import os
+    import subprocess
+    import sys
+    m = randomize(zoo.build("lenet5"), 4)
+    m.save(tmp_path / "m.safetensors")
+    r = subprocess.run([sys.executable, "-m", "cnnlab.cli", "export", "m.safetensors",
+                        "--format", "onnx", "--layout", "NCHW", "-o", "m.onnx"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert f"ONNX opset {OPSET}" in r.stdout and "(batch, 10)" in r.stdout
+    x = np.random.default_rng(0).integers(0, 256, (2, 28, 28, 1), dtype=np.uint8)
+    got = session(tmp_path / "m.onnx").run(None, {"pixels": x.transpose(0, 3, 1, 2)
+                                                  .astype(np.float32)})[0]
+    want = get_engine(m, "numpy").predict_proba(preprocess.apply(m.meta["preprocessing"], x))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    r = subprocess.run([sys.executable, "-m", "cnnlab.cli", "export", "lenet", "--format",
+                        "onnx", "-o", "m.keras"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 1 and r.stderr == "error: m.keras: an ONNX file is named *.onnx\n"

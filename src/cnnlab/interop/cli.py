@@ -94,7 +94,8 @@ def run_export(args) -> int:
         Path(args.model).resolve().parent.name
     out = Path(args.out) if args.out else Path(stem + ext)
     if out.suffix != ext:
-        raise ValueError(f"{out}: a {args.format} file is named *{ext}")
+        kind = "an ONNX" if args.format == "onnx" else "a Keras"
+        raise ValueError(f"{out}: {kind} file is named *{ext}")
     _check_out(out, args.overwrite, args.model)
     if args.format == "onnx":
         from .onnx_export import OPSET, export_onnx
