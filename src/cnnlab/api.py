@@ -6,7 +6,9 @@
 """
 from __future__ import annotations
 
-from . import fileformat
+from pathlib import Path
+
+from . import fileformat, interop
 from .console import summary_table
 from .evaluate import evaluate as _evaluate
 from .model import Model
@@ -54,6 +56,13 @@ class Sequential(Model):
         return fileformat.save(self, path)
 
 
+KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
+
+
 def load(path) -> Sequential:
-    """Load a model file (.safetensors) or a run directory's model."""
+    """Load a model file (.safetensors), a run directory's model, or a Keras model file
+    (.keras, .h5: converted in memory, see `cnnlab import`)."""
+    p = Path(path)
+    if p.suffix.lower() in KERAS_SUFFIXES and p.is_file():
+        return interop.load_keras(p).copy(Sequential)
     return fileformat.load(path, model_class=Sequential)

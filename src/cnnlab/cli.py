@@ -145,17 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
 # helpers -------------------------------------------------------------------------------
 def load_model_arg(arg: str):
     """A zoo name, a JSON description, a model file or a run directory -> Sequential."""
-    from . import zoo
-    from .api import Sequential, load
-    path = Path(arg)
-    if arg in zoo.MODELS:
-        return zoo.build(arg)
-    if path.suffix == ".json" and path.is_file():
-        return Sequential.from_json(path.read_text())
-    if path.exists():
-        return load(path)
-    raise CLIError(f"{arg}: not a zoo model ({', '.join(zoo.MODELS)}), a .json description, "
-                   f"a model file or a run directory")
+    from .zoo import load_any
+    return load_any(arg)
 
 
 def parse_augment(text: str | None):

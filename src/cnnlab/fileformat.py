@@ -101,9 +101,6 @@ def save(model, path) -> Path:
 def load(path, model_class=Model):
     """Load a model file written by `save` (by either engine) as a `model_class`."""
     path = Path(path)
-    if path.suffix.lower() in (".keras", ".h5", ".hdf5") and path.is_file():
-        from .interop import load_keras  # a Keras model file, converted in memory
-        return load_keras(path)
     if path.is_dir():
         candidate = path / "model.safetensors"
         if not candidate.exists():

@@ -214,8 +214,9 @@ class Model:
             raise ModelError(f"not valid JSON: {e}") from None
         return cls.from_config(config)
 
-    def copy(self) -> "Model":
-        other = type(self).from_config(self.get_config(), init=False)
+    def copy(self, cls=None) -> "Model":
+        """A deep copy (as `cls`, a Model subclass, when given)."""
+        other = (cls or type(self)).from_config(self.get_config(), init=False)
         other.weights = {k: v.copy() for k, v in self.weights.items()}
         other.fresh = self.fresh
         other.meta = json.loads(json.dumps(self.meta))

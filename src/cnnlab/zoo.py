@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from .layers import (Activation, AvgPool2D, BatchNorm, Conv2D, Dense, Dropout, Flatten, Input,
                      MaxPool2D, ModelError)
-from .api import Sequential
+from pathlib import Path
+
+from .api import Sequential, load
+from .fileformat import ModelFileError
 
 
 def lenet(input_shape=(28, 28, 1), num_classes=10):
@@ -138,3 +141,17 @@ def recipe(name: str) -> dict:
     """The recommended training settings (a copy)."""
     _, r = _lookup(name)
     return {k: (dict(v) if isinstance(v, dict) else v) for k, v in r.items()}
+
+
+def load_any(arg) -> Sequential:
+    """A model by name or path: a zoo name, a JSON description, a model file, a Keras file
+    or a run directory (what the CLI's MODEL arguments take)."""
+    path = Path(arg)
+    if str(arg) in MODELS:
+        return build(str(arg))
+    if path.suffix == ".json" and path.is_file():
+        return Sequential.from_json(path.read_text())
+    if path.exists():
+        return load(path)
+    raise ModelFileError(f"{arg}: not a zoo model ({', '.join(MODELS)}), a .json description, "
+                         f"a model file or a run directory")

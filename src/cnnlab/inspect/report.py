@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import metrics
-from ..fileformat import load as load_model
+from ..api import load as load_model
 from . import attribution, figures, maximize
 from ._common import (as_batch, class_names, conv_layers, engine_for, layer_label, logits_layer,
                       predict)

@@ -8,28 +8,13 @@ Reading needs h5py only (no Keras, no TensorFlow); nothing in a file is executed
 """
 from __future__ import annotations
 
-from ..fileformat import ModelFileError
+from .errors import LEAKY_SLOPE, InteropError
+from .keras_export import export_keras
+from .keras_import import import_keras
+from .onnx_export import export_onnx
 
-LEAKY_SLOPE = 0.2   # cnnlab's leaky_relu negative slope (Keras 3's activation default)
-
-
-class InteropError(ModelFileError, ValueError):
-    """A file that cannot be converted; the message names the file and the layer."""
-
-
-def import_keras(path, weights=None, classes=None):
-    from .keras_import import import_keras as _imp
-    return _imp(path, weights=weights, classes=classes)
-
-
-def export_keras(model, path):
-    from .keras_export import export_keras as _exp
-    return _exp(model, path)
-
-
-def export_onnx(model, path, layout="NHWC"):
-    from .onnx_export import export_onnx as _exp
-    return _exp(model, path, layout=layout)
+__all__ = ["LEAKY_SLOPE", "InteropError", "export_keras", "export_onnx", "import_keras",
+           "load_keras"]
 
 
 def load_keras(path):

@@ -63,6 +63,7 @@ def run(args) -> int:
 
 
 def run_import(args) -> int:
+    from ..api import Sequential
     from .keras_import import import_keras
     src = Path(args.file)
     classes = None
@@ -75,6 +76,7 @@ def run_import(args) -> int:
         raise ValueError(f"{out}: the output is a cnnlab model file; name it *.safetensors")
     _check_out(out, args.overwrite, src, args.weights)
     model, notes = import_keras(src, weights=args.weights, classes=classes)
+    model = model.copy(Sequential)
     for note in notes:
         print(f"note: {note}")
     model.summary()
@@ -87,8 +89,8 @@ def run_import(args) -> int:
 
 
 def run_export(args) -> int:
-    from ..cli import load_model_arg
-    model = load_model_arg(args.model)
+    from ..zoo import load_any
+    model = load_any(args.model)
     ext = ".onnx" if args.format == "onnx" else ".keras"
     stem = Path(args.model).stem if Path(args.model).stem != "model" else \
         Path(args.model).resolve().parent.name

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import layers as L
-from . import InteropError
+from .errors import InteropError
 from .keras_files import h5py_module, snake_case
 
 KERAS_VERSION = "3.15.1"   # the version the written files are tested with

@@ -15,7 +15,7 @@ import re
 import zipfile
 from pathlib import Path
 
-from . import InteropError
+from .errors import InteropError
 
 MAX_JSON_BYTES = 16 << 20          # an architecture is a few kB
 MAX_WEIGHT_BYTES = 2 << 30         # the weights file inside a .keras zip

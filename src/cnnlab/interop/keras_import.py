@@ -15,7 +15,8 @@ import numpy as np
 
 from .. import layers as L
 from ..layers import ModelError
-from . import LEAKY_SLOPE, InteropError
+from ..model import Model
+from .errors import LEAKY_SLOPE, InteropError
 from .keras_files import (MAX_JSON_BYTES, is_h5, is_zip, open_h5, read_json,
                           read_keras_zip, store_for)
 
@@ -477,14 +478,13 @@ def _read_array(ds, key, shape, what):
 
 
 def _build(config, h5, what, metadata=None, classes=None):
-    from ..model import Sequential
     name, all_entries, entries = _layer_entries(config, what)
     conv = _Converter(entries, what)
     conv.run()
     if conv.pending_pad is not None:
         raise InteropError(f"{conv.pending_pad}: ZeroPadding2D at the end of the model")
     try:
-        model = Sequential(conv.layers, name=re.sub(r"[^A-Za-z0-9_\-]", "_", str(name)) or
+        model = Model(conv.layers, name=re.sub(r"[^A-Za-z0-9_\-]", "_", str(name)) or
                            "sequential", input_shape=conv.input_shape, init=False)
     except ModelError as e:
         raise InteropError(f"{what}: {e}") from None
@@ -560,7 +560,7 @@ def _same_prep(a, b):
 
 
 def import_keras(path, weights=None, classes=None):
-    """(cnnlab Sequential, notes) from a Keras file. Raises InteropError."""
+    """(cnnlab Model, notes) from a Keras file. Raises InteropError."""
     path = Path(path)
     if not path.is_file():
         raise InteropError(f"{path}: no such file")

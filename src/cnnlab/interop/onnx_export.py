@@ -23,7 +23,7 @@ import numpy as np
 
 from .. import layers as L
 from ..preprocess import preprocessing_of
-from . import LEAKY_SLOPE, InteropError
+from .errors import LEAKY_SLOPE, InteropError
 
 OPSET = 17
 

@@ -76,7 +76,7 @@ class Classifier:
 
     def __init__(self, model_path, engine="numpy"):
         from ..engines import get_engine
-        from ..fileformat import load
+        from ..api import load
         from ..preprocess import preprocessing_of
         self.path = str(model_path)
         self.model = load(model_path)
