@@ -28,11 +28,29 @@ from numpy.lib.stride_tricks import as_strided
 
 from . import reference
 from .reference import (  # noqa: F401  (already as fast as NumPy allows: re-exported)
-    LOSSES, dropout_backward, dropout_forward, flatten_backward, flatten_forward,
-    global_avgpool_backward, global_avgpool_forward, global_maxpool_backward,
-    global_maxpool_forward, log_softmax, loss_on_logits, mse_loss, pair, resolve_pads,
-    sigmoid, sigmoid_binary_cross_entropy, softmax, softmax_cross_entropy, softplus, unpad2d,
-    update_moving)
+    LOSSES,
+    dense_forward,
+    dropout_backward,
+    dropout_forward,
+    flatten_backward,
+    flatten_forward,
+    global_avgpool_backward,
+    global_avgpool_forward,
+    global_maxpool_backward,
+    global_maxpool_forward,
+    log_softmax,
+    loss_on_logits,
+    mse_loss,
+    pair,
+    resolve_pads,
+    sigmoid,
+    sigmoid_binary_cross_entropy,
+    softmax,
+    softmax_cross_entropy,
+    softplus,
+    unpad2d,
+    update_moving,
+)
 
 TILE_ROWS = 1024  # output pixels per tile of the stride-1 convolution (fits in L2)
 
@@ -319,7 +337,7 @@ def conv2d_fft(x, w, b=None, stride=1, padding="valid"):
     >= kh - 1 and columns >= kw - 1 never wrap around, and entry (kh-1 + i, kw-1 + j) is
     the correlation at (i, j). The input channels are summed in the frequency domain.
     """
-    kh, kw, _, f = w.shape
+    kh, kw = w.shape[:2]
     stride = pair(stride)
     pads = resolve_pads(x.shape[1], x.shape[2], (kh, kw), stride, padding)
     xp = pad2d(x, pads)
@@ -426,18 +444,9 @@ def avgpool_backward(dout, cache):
     return unpad2d(dxp, pads)
 
 
-
 # --------------------------------------------------------------------------------------
 # Dense (the bias gradient as a matrix-vector product)
 # --------------------------------------------------------------------------------------
-def dense_forward(x, w, b=None):
-    """As reference.dense_forward: out = x @ w + b."""
-    out = x @ w
-    if b is not None:
-        out += b
-    return out, (x, w, b is not None)
-
-
 def dense_backward(dout, cache, need_dx=True):
     """As reference.dense_backward: dx = dout @ w^T, dw = x^T @ dout, db = sum_n dout."""
     x, w, has_bias = cache
