@@ -153,7 +153,7 @@ def test_three_conv_algorithms_agree(padding, stride, channels):
 def test_fast_conv_tiles_cover_every_pixel(shape, tile, monkeypatch):
     """Tiles smaller than an image, and several images per tile, give the reference's
     numbers at every pixel (and in the kernel gradient's sums)."""
-    monkeypatch.setattr(fast, "TILE_ROWS", tile)
+    monkeypatch.setattr(fast, "_tile_rows", lambda k, itemsize: tile)
     x, w, b = rand(*shape), rand(3, 3, shape[3], 6, seed=1), rand(6, seed=2)
     for padding in ("same", "full"):
         ref, ref_cache = reference.conv2d_forward(x, w, b, 1, padding)

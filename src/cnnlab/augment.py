@@ -192,7 +192,7 @@ def _grid_sample_np(x, theta, fill):
     grid_sample(affine_grid(theta), align_corners=False): output pixel (i, j) has
     normalized coordinates ((2j + 1) / W - 1, (2i + 1) / H - 1); theta maps them into the
     input, where pixel centres sit at integer coordinates (ix = ((gx + 1) W - 1) / 2)."""
-    n, h, w, c = x.shape
+    n, h, w = x.shape[:3]
     xs, ys = (2 * np.arange(w) + 1) / w - 1, (2 * np.arange(h) + 1) / h - 1
     t = theta[:, :, :, None, None]
     gx = t[:, 0, 0] * xs + t[:, 0, 1] * ys[:, None] + t[:, 0, 2]      # (N, H, W)

@@ -6,12 +6,13 @@ Same pairs and signatures as reference.py (read that first for the math):
 
 What makes them fast in NumPy, at one thread:
 - convolution with stride 1 runs on the padded input flattened to a matrix of pixels
-  ("virtual" output pixels on the padded grid, see _virtual_conv): every window's patch is
-  then a fixed set of row offsets, the patches of a tile of about a thousand pixels are
-  copied into a buffer that stays in the CPU cache, and each tile is one matrix product
-  with the kernel in its Keras layout, patches (pixels, kh*kw*C) @ kernel (kh*kw*C, F).
-  The input gradient is the same kind of convolution (of the padded output gradient with
-  the flipped kernel), the kernel gradient one product per tile;
+  ("virtual" output pixels on the padded grid, see _conv_s1): every window's patch is
+  then a fixed set of row offsets, the patches of a tile of pixels are copied into a
+  buffer that stays in the CPU cache (TILE_BYTES), and each tile is one matrix product
+  with the kernel in its Keras layout, patches (pixels, kh*kw*C) @ kernel (kh*kw*C, F),
+  the bias as one more kernel row against a column of ones. The input gradient is the
+  same kind of convolution (of the padded output gradient with the flipped kernel), the
+  kernel and bias gradients one product per tile;
 - strided convolution: im2col/col2im, channels-first so that the copies run along rows;
 - conv2d_fft: the convolution theorem (an alternative, tested equal);
 - pooling: one strided view per kernel offset and element-wise maximum/sums (no window
@@ -52,7 +53,13 @@ from .reference import (  # noqa: F401  (already as fast as NumPy allows: re-exp
     update_moving,
 )
 
-TILE_ROWS = 1024  # output pixels per tile of the stride-1 convolution (fits in L2)
+TILE_BYTES = 512 * 1024  # patches per tile of the stride-1 convolution: well inside L2
+
+
+def _tile_rows(k, itemsize):
+    """Output pixels per tile for patches of k values: TILE_BYTES of them, at least 256
+    (fewer make the matrix products slow)."""
+    return max(256, TILE_BYTES // (k * itemsize))
 
 
 # --------------------------------------------------------------------------------------
@@ -180,72 +187,88 @@ def _flat(x, pads):
     return np.ascontiguousarray(xp).reshape(-1, c), False
 
 
-def _tiles(n, hp, wp, ho, wo):
+def _tiles(n, hp, wp, ho, wo, tile):
     """(start, rows) of the tiles of virtual pixels to compute: whole images (as many as
-    fit in TILE_ROWS), each tile ending at the last real output pixel of its last image."""
+    fit in `tile` rows, or pieces of one), each group ending at the last real output pixel
+    of its last image."""
     size = hp * wp
-    group = max(1, TILE_ROWS // size)
+    group = max(1, tile // size)
     for n0 in range(0, n, group):
         first, last = n0 * size, (min(n, n0 + group) - 1) * size + (ho - 1) * wp + wo
-        for s in range(first, last, TILE_ROWS):
-            yield s, min(TILE_ROWS, last - s)
+        step = -(-(last - first) // -(-(last - first) // tile))  # equal pieces, <= tile
+        for s in range(first, last, step):
+            yield s, min(step, last - s)
 
 
-def _patches(flat, start, rows, kernel, wp, buf):
+def _patches(flat, start, rows, kernel, wp, buf, ones=False):
     """The patches of virtual pixels start..start+rows as a (rows, kh*kw*C) matrix, columns
-    in the kernel's (u, v, c) order, copied into buf (channels-first: a transposed view)."""
+    in the kernel's (u, v, c) order, copied into buf (channels-first: a transposed view).
+    ones: one more column of ones, so that a bias row on the kernel adds the bias."""
     (xf, channels_first), (kh, kw), it = flat, kernel, flat[0].itemsize
+    c = xf.shape[0] if channels_first else xf.shape[1]
+    k = kh * kw * c
     if channels_first:
-        c = xf.shape[0]
-        p = buf[:kh * kw * c * rows].reshape(kh, kw, c, rows)
-        p[...] = as_strided(xf[:, start:], p.shape, (wp * it, it, xf.strides[0], it))
-        return p.reshape(-1, rows).T
-    c = xf.shape[1]
-    p = buf[:rows * kh * kw * c].reshape(rows, kh, kw * c)
-    p[...] = as_strided(xf[start:], p.shape, (c * it, wp * c * it, it))
-    return p.reshape(rows, -1)
+        p = buf[:(k + ones) * rows].reshape(k + ones, rows)
+        p[:k].reshape(kh, kw, c, rows)[...] = as_strided(
+            xf[:, start:], (kh, kw, c, rows), (wp * it, it, xf.strides[0], it))
+        p[k:] = 1
+        return p.T
+    p = buf[:rows * (k + ones)].reshape(rows, k + ones)
+    p[:, :k].reshape(rows, kh, kw * c)[...] = as_strided(
+        xf[start:], (rows, kh, kw * c), (c * it, wp * c * it, it))
+    p[:, k:] = 1
+    return p
 
 
-def _conv_s1(x, w, pads):
+def _conv_s1(x, w, pads, b=None):
     """Stride-1 correlation of x (N, H, W, C) padded by pads (negative: cropped) with w
-    (kh, kw, C, F). Returns (out (N, Ho, Wo, F), a view of the virtual output; the flat input)."""
+    (kh, kw, C, F), plus b (as a row of the kernel). Returns (out (N, Ho, Wo, F),
+    a view of the virtual output; the flat input)."""
     kh, kw, c, f = w.shape
     n, hp, wp = x.shape[0], x.shape[1] + sum(pads[0]), x.shape[2] + sum(pads[1])
     ho, wo = hp - kh + 1, wp - kw + 1
     flat = _flat(x, pads)
     dtype = np.result_type(x.dtype, w.dtype)
     w2 = w.reshape(-1, f).astype(dtype, copy=False)
+    if b is not None:  # patches get a column of ones
+        w2 = np.concatenate([w2, b.reshape(1, f).astype(dtype)])
     outv = np.empty((n * hp * wp, f), dtype)
-    buf = np.empty(TILE_ROWS * kh * kw * c, dtype)
-    for s, rows in _tiles(n, hp, wp, ho, wo):
-        np.matmul(_patches(flat, s, rows, (kh, kw), wp, buf), w2, out=outv[s:s + rows])
+    tile = _tile_rows(w2.shape[0], outv.itemsize)
+    buf = np.empty(tile * w2.shape[0], dtype)
+    for s, rows in _tiles(n, hp, wp, ho, wo, tile):
+        patches = _patches(flat, s, rows, (kh, kw), wp, buf, ones=b is not None)
+        np.matmul(patches, w2, out=outv[s:s + rows])
     return outv.reshape(n, hp, wp, f)[:, :ho, :wo], flat
 
 
 def _conv_s1_backward(dout, cache, need_dx):
-    """Gradients of _conv_s1 as used by conv2d_forward:
-        dw = sum over tiles of patches^T @ dout_virtual (0 on the dropped virtual pixels);
+    """Gradients of _conv_s1 as used by conv2d_forward, (dx or None, dw, db or None):
+        [dw; db] = sum over tiles of [patches, 1]^T @ dout_virtual (0 on the dropped
+             virtual pixels);
         dx = the stride-1 correlation of dout, padded by (kh-1-top, kh-1-bottom) and
              (kw-1-left, kw-1-right), with the flipped kernel w[::-1, ::-1] whose in and
              out channels are swapped: dx[n, a, b] = sum_{u, v} dout[n, a+t-u, b+l-v] w[u, v]^T.
     """
-    _, flat, x_shape, w, pads, _ = cache
+    _, flat, x_shape, w, pads, has_bias = cache
     kh, kw, c, f = w.shape
     n, ho, wo = dout.shape[:3]
     hp, wp = x_shape[1] + sum(pads[0]), x_shape[2] + sum(pads[1])
     dv = np.zeros((n, hp, wp, f), dout.dtype)
     dv[:, :ho, :wo] = dout
     dv = dv.reshape(-1, f)
-    dw2 = np.zeros((kh * kw * c, f), dout.dtype)
-    buf = np.empty(TILE_ROWS * kh * kw * c, dout.dtype)
-    for s, rows in _tiles(n, hp, wp, ho, wo):
-        dw2 += _patches(flat, s, rows, (kh, kw), wp, buf).T @ dv[s:s + rows]
+    k = kh * kw * c + has_bias  # with a bias, the column of ones gives db in the last row
+    dw2 = np.zeros((k, f), dout.dtype)
+    tile = _tile_rows(k, dout.itemsize)
+    buf = np.empty(tile * k, dout.dtype)
+    for s, rows in _tiles(n, hp, wp, ho, wo, tile):
+        dw2 += _patches(flat, s, rows, (kh, kw), wp, buf, ones=has_bias).T @ dv[s:s + rows]
+    dw, db = dw2[:kh * kw * c].reshape(w.shape), (dw2[-1] if has_bias else None)
     if not need_dx:
-        return None, dw2.reshape(w.shape)
+        return None, dw, db
     (t, b), (l, r) = pads
     back_pads = ((kh - 1 - t, kh - 1 - b), (kw - 1 - l, kw - 1 - r))
     dx, _ = _conv_s1(dout, w[::-1, ::-1].transpose(0, 1, 3, 2), back_pads)
-    return np.ascontiguousarray(dx), dw2.reshape(w.shape)
+    return dx, dw, db
 
 
 # --------------------------------------------------------------------------------------
@@ -298,25 +321,24 @@ def conv2d_forward(x, w, b=None, stride=1, padding="valid"):
     stride = pair(stride)
     pads = resolve_pads(x.shape[1], x.shape[2], (kh, kw), stride, padding)
     if stride == (1, 1):
-        out, flat = _conv_s1(x, w, pads)
-        cache = ("virtual", flat, x.shape, w, pads, b is not None)
-    else:
-        cols, (ho, wo) = im2col(x, (kh, kw), stride, pads)
-        out = (cols.T @ w.reshape(-1, f)).reshape(x.shape[0], ho, wo, f)  # NHWC rows
-        cache = ("im2col", cols, x.shape, w, pads, b is not None, stride)
-    return (out if b is None else np.add(out, b)), cache
+        out, flat = _conv_s1(x, w, pads, b)
+        return out, ("virtual", flat, x.shape, w, pads, b is not None)
+    cols, (ho, wo) = im2col(x, (kh, kw), stride, pads)
+    out = cols.T @ w.reshape(-1, f)  # (N*Ho*Wo, F): rows in NHWC order
+    if b is not None:
+        out += b
+    return out.reshape(x.shape[0], ho, wo, f), ("im2col", cols, x.shape, w, pads, b is not None, stride)
 
 
 def conv2d_backward(dout, cache, need_dx=True):
     """As reference.conv2d_backward: returns dx (None unless need_dx), dw, db (None without
     a bias). im2col, with D = dout as an (N*Ho*Wo, F) matrix: dw = cols @ D,
     dcols = w2 @ D^T, then col2im adds each window's gradient back where it came from."""
-    w, has_bias = cache[3], cache[5]
+    if cache[0] == "virtual":
+        return _conv_s1_backward(dout, cache, need_dx)
+    _, cols, x_shape, w, pads, has_bias, stride = cache
     f = w.shape[3]
     db = channel_sum(dout) if has_bias else None
-    if cache[0] == "virtual":
-        return (*_conv_s1_backward(dout, cache, need_dx), db)
-    _, cols, x_shape, w, pads, _, stride = cache
     d2 = dout.reshape(-1, f)
     dw = (cols @ d2).reshape(w.shape)
     if not need_dx:
