@@ -44,16 +44,6 @@ torch.set_num_threads(args.threads)
 REPS = 3 if args.quick else args.reps
 
 
-def best_ms(fn, reps=REPS):
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1000 * min(times)
-
-
 def best_interleaved(fns, reps=REPS):
     """The best time in ms of each function, run in turn: fns[0], fns[1], ..., fns[0], ..."""
     for fn in fns:
@@ -107,7 +97,7 @@ def per_layer(batch=128):
         x = rng.standard_normal((batch, h, w, c), dtype=np.float32)
         k = rng.standard_normal((*layer.kernel_size, c, layer.filters), dtype=np.float32) * 0.1
         b = np.zeros(layer.filters, np.float32)
-        out, cache = ops.conv2d_forward(x, k, b, layer.strides, layer.padding)
+        out, _ = ops.conv2d_forward(x, k, b, layer.strides, layer.padding)
         dout = rng.standard_normal(out.shape, dtype=np.float32)
         (pt, pb), (pl, pr) = layer.pads((h, w, c))
         xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)

@@ -224,7 +224,7 @@ def _conv_s1(x, w, pads, b=None):
     """Stride-1 correlation of x (N, H, W, C) padded by pads (negative: cropped) with w
     (kh, kw, C, F), plus b (as a row of the kernel). Returns (out (N, Ho, Wo, F),
     a view of the virtual output; the flat input)."""
-    kh, kw, c, f = w.shape
+    kh, kw, _, f = w.shape
     n, hp, wp = x.shape[0], x.shape[1] + sum(pads[0]), x.shape[2] + sum(pads[1])
     ho, wo = hp - kh + 1, wp - kw + 1
     flat = _flat(x, pads)
@@ -247,7 +247,9 @@ def _conv_s1_backward(dout, cache, need_dx):
              virtual pixels);
         dx = the stride-1 correlation of dout, padded by (kh-1-top, kh-1-bottom) and
              (kw-1-left, kw-1-right), with the flipped kernel w[::-1, ::-1] whose in and
-             out channels are swapped: dx[n, a, b] = sum_{u, v} dout[n, a+t-u, b+l-v] w[u, v]^T.
+             out channels are swapped: dx[n, a, b] = sum_{u, v} dout[n, a+t-u, b+l-v] w[u, v]^T;
+             or, where that padded grid is larger than the input's (little padding) and
+             C >= 16, the patches' gradients added back (_add_patches).
     """
     _, flat, x_shape, w, pads, has_bias = cache
     kh, kw, c, f = w.shape
@@ -266,9 +268,31 @@ def _conv_s1_backward(dout, cache, need_dx):
     if not need_dx:
         return None, dw, db
     (t, b), (l, r) = pads
+    h, wd = x_shape[1:3]
+    if c >= 16 and (h + kh - 1) * (wd + kw - 1) > hp * wp:  # a larger grid: add patches back
+        dxp = _add_patches(dv, w, (n, hp, wp, ho, wo))
+        return dxp.reshape(n, hp, wp, c)[:, t:t + h, l:l + wd], dw, db
     back_pads = ((kh - 1 - t, kh - 1 - b), (kw - 1 - l, kw - 1 - r))
     dx, _ = _conv_s1(dout, w[::-1, ::-1].transpose(0, 1, 3, 2), back_pads)
     return dx, dw, db
+
+
+def _add_patches(dv, w, grid):
+    """The adjoint of the patches: per tile, the patches' gradient dv @ w2^T (rows, kh*kw*C)
+    is added back onto the input rows each patch was copied from (pixel p + u Wp + v for
+    kernel offset (u, v)). Returns the gradient of the flat padded input (N*Hp*Wp, C)."""
+    kh, kw, c, f = w.shape
+    n, hp, wp, ho, wo = grid
+    w2t = np.ascontiguousarray(w.reshape(-1, f).T)
+    dxf = np.zeros((n * hp * wp, c), dv.dtype)
+    tile = _tile_rows(kh * kw * c, dv.itemsize)
+    buf = np.empty((tile, kh * kw * c), dv.dtype)
+    for s, rows in _tiles(n, hp, wp, ho, wo, tile):
+        dp = np.matmul(dv[s:s + rows], w2t, out=buf[:rows])
+        for k in range(kh * kw):
+            o = s + (k // kw) * wp + k % kw
+            dxf[o:o + rows] += dp[:, k * c:(k + 1) * c]
+    return dxf
 
 
 # --------------------------------------------------------------------------------------
