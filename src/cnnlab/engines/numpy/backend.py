@@ -10,10 +10,10 @@ import numpy as np
 
 from ...augment import augment
 from ...preprocess import apply
+from ...train import optimizer_options
 from . import ops
 from .engine import NumpyEngine
 from .optim import make_optimizer
-from ...train import optimizer_options
 
 
 class NumpyBackend:
