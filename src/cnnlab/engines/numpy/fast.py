@@ -187,17 +187,16 @@ def _flat(x, pads):
     return np.ascontiguousarray(xp).reshape(-1, c), False
 
 
-def _tiles(n, hp, wp, ho, wo, tile):
-    """(start, rows) of the tiles of virtual pixels to compute: whole images (as many as
-    fit in `tile` rows, or pieces of one), each group ending at the last real output pixel
-    of its last image."""
-    size = hp * wp
+def _tiles(n, size, first, last, tile):
+    """(start, rows) of the tiles of virtual pixels to compute: in each image of `size`
+    pixels those from `first` to `last` (exclusive), whole images together when they fit in
+    `tile` rows, else pieces of one, split evenly."""
     group = max(1, tile // size)
     for n0 in range(0, n, group):
-        first, last = n0 * size, (min(n, n0 + group) - 1) * size + (ho - 1) * wp + wo
-        step = -(-(last - first) // -(-(last - first) // tile))  # equal pieces, <= tile
-        for s in range(first, last, step):
-            yield s, min(step, last - s)
+        start, stop = n0 * size + first, (min(n, n0 + group) - 1) * size + last
+        step = -(-(stop - start) // -(-(stop - start) // tile))  # equal pieces, <= tile
+        for s in range(start, stop, step):
+            yield s, min(step, stop - s)
 
 
 def _patches(flat, start, rows, kernel, wp, buf, ones=False):
@@ -220,6 +219,20 @@ def _patches(flat, start, rows, kernel, wp, buf, ones=False):
     return p
 
 
+def _correlate(flat, w2, kernel, wp, pixels):
+    """out[p] = patches(p) @ w2 for the virtual pixels p of pixels = (n, size, first, last)
+    (see _tiles); w2 (kh*kw*C [+ 1 bias row], F). Returns out (n*size, F); rows outside
+    the tiles are left unset."""
+    k, f = w2.shape
+    ones = k > kernel[0] * kernel[1] * (flat[0].shape[0] if flat[1] else flat[0].shape[1])
+    out = np.empty((pixels[0] * pixels[1], f), w2.dtype)
+    tile = _tile_rows(k, out.itemsize)
+    buf = np.empty(tile * k, w2.dtype)
+    for s, rows in _tiles(*pixels, tile):
+        np.matmul(_patches(flat, s, rows, kernel, wp, buf, ones), w2, out=out[s:s + rows])
+    return out
+
+
 def _conv_s1(x, w, pads, b=None):
     """Stride-1 correlation of x (N, H, W, C) padded by pads (negative: cropped) with w
     (kh, kw, C, F), plus b (as a row of the kernel). Returns (out (N, Ho, Wo, F),
@@ -232,67 +245,49 @@ def _conv_s1(x, w, pads, b=None):
     w2 = w.reshape(-1, f).astype(dtype, copy=False)
     if b is not None:  # patches get a column of ones
         w2 = np.concatenate([w2, b.reshape(1, f).astype(dtype)])
-    outv = np.empty((n * hp * wp, f), dtype)
-    tile = _tile_rows(w2.shape[0], outv.itemsize)
-    buf = np.empty(tile * w2.shape[0], dtype)
-    for s, rows in _tiles(n, hp, wp, ho, wo, tile):
-        patches = _patches(flat, s, rows, (kh, kw), wp, buf, ones=b is not None)
-        np.matmul(patches, w2, out=outv[s:s + rows])
+    outv = _correlate(flat, w2, (kh, kw), wp, (n, hp * wp, 0, (ho - 1) * wp + wo))
     return outv.reshape(n, hp, wp, f)[:, :ho, :wo], flat
 
 
 def _conv_s1_backward(dout, cache, need_dx):
-    """Gradients of _conv_s1 as used by conv2d_forward, (dx or None, dw, db or None):
-        [dw; db] = sum over tiles of [patches, 1]^T @ dout_virtual (0 on the dropped
-             virtual pixels);
-        dx = the stride-1 correlation of dout, padded by (kh-1-top, kh-1-bottom) and
-             (kw-1-left, kw-1-right), with the flipped kernel w[::-1, ::-1] whose in and
-             out channels are swapped: dx[n, a, b] = sum_{u, v} dout[n, a+t-u, b+l-v] w[u, v]^T;
-             or, where that padded grid is larger than the input's (little padding) and
-             C >= 16, the patches' gradients added back (_add_patches).
+    """Gradients of _conv_s1 as used by conv2d_forward, (dx or None, dw, db or None).
+    With D = dout on the input's virtual grid (0 on the dropped virtual pixels):
+        [dw; db] = sum over tiles of [patches, 1]^T @ D;
+        dx = the transposed convolution, dxp[n, a, b] = sum_{u, v} D[n, a-u, b-v] w[u, v]^T:
+             a correlation of D with the flipped kernel w[::-1, ::-1] (in and out channels
+             swapped) on the same grid, D's rows shifted by -(u Wp + v) (a margin of zero
+             rows in front); with more padding than kw - 1 columns, the same correlation
+             on dout padded by (kh-1-top, kh-1-bottom), (kw-1-left, kw-1-right), a
+             smaller grid.
     """
     _, flat, x_shape, w, pads, has_bias = cache
     kh, kw, c, f = w.shape
     n, ho, wo = dout.shape[:3]
-    hp, wp = x_shape[1] + sum(pads[0]), x_shape[2] + sum(pads[1])
-    dv = np.zeros((n, hp, wp, f), dout.dtype)
-    dv[:, :ho, :wo] = dout
-    dv = dv.reshape(-1, f)
+    (t, b), (l, r) = pads
+    h, wd = x_shape[1:3]
+    hp, wp = h + t + b, wd + l + r
+    margin = (kh - 1) * wp + kw - 1
+    dvm = np.zeros((margin + n * hp * wp, f), dout.dtype)
+    dvm[margin:].reshape(n, hp, wp, f)[:, :ho, :wo] = dout
+    dv = dvm[margin:]
     k = kh * kw * c + has_bias  # with a bias, the column of ones gives db in the last row
     dw2 = np.zeros((k, f), dout.dtype)
     tile = _tile_rows(k, dout.itemsize)
     buf = np.empty(tile * k, dout.dtype)
-    for s, rows in _tiles(n, hp, wp, ho, wo, tile):
+    for s, rows in _tiles(n, hp * wp, 0, (ho - 1) * wp + wo, tile):
         dw2 += _patches(flat, s, rows, (kh, kw), wp, buf, ones=has_bias).T @ dv[s:s + rows]
     dw, db = dw2[:kh * kw * c].reshape(w.shape), (dw2[-1] if has_bias else None)
     if not need_dx:
         return None, dw, db
-    (t, b), (l, r) = pads
-    h, wd = x_shape[1:3]
-    if c >= 16 and (h + kh - 1) * (wd + kw - 1) > hp * wp:  # a larger grid: add patches back
-        dxp = _add_patches(dv, w, (n, hp, wp, ho, wo))
-        return dxp.reshape(n, hp, wp, c)[:, t:t + h, l:l + wd], dw, db
-    back_pads = ((kh - 1 - t, kh - 1 - b), (kw - 1 - l, kw - 1 - r))
-    dx, _ = _conv_s1(dout, w[::-1, ::-1].transpose(0, 1, 3, 2), back_pads)
-    return dx, dw, db
-
-
-def _add_patches(dv, w, grid):
-    """The adjoint of the patches: per tile, the patches' gradient dv @ w2^T (rows, kh*kw*C)
-    is added back onto the input rows each patch was copied from (pixel p + u Wp + v for
-    kernel offset (u, v)). Returns the gradient of the flat padded input (N*Hp*Wp, C)."""
-    kh, kw, c, f = w.shape
-    n, hp, wp, ho, wo = grid
-    w2t = np.ascontiguousarray(w.reshape(-1, f).T)
-    dxf = np.zeros((n * hp * wp, c), dv.dtype)
-    tile = _tile_rows(kh * kw * c, dv.itemsize)
-    buf = np.empty((tile, kh * kw * c), dv.dtype)
-    for s, rows in _tiles(n, hp, wp, ho, wo, tile):
-        dp = np.matmul(dv[s:s + rows], w2t, out=buf[:rows])
-        for k in range(kh * kw):
-            o = s + (k // kw) * wp + k % kw
-            dxf[o:o + rows] += dp[:, k * c:(k + 1) * c]
-    return dxf
+    wf = w[::-1, ::-1].transpose(0, 1, 3, 2)  # (kh, kw, F, C)
+    if l + r > kw - 1:
+        back_pads = ((kh - 1 - t, kh - 1 - b), (kw - 1 - l, kw - 1 - r))
+        dx, _ = _conv_s1(dout, wf, back_pads)
+        return dx, dw, db
+    flat_d = (np.ascontiguousarray(dvm.T), True) if f < 16 else (dvm, False)
+    pixels = (n, hp * wp, t * wp + l, (t + h - 1) * wp + l + wd)
+    dxv = _correlate(flat_d, wf.reshape(-1, c), (kh, kw), wp, pixels)
+    return dxv.reshape(n, hp, wp, c)[:, t:t + h, l:l + wd], dw, db
 
 
 # --------------------------------------------------------------------------------------
