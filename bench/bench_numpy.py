@@ -169,13 +169,18 @@ try:
 except ImportError:
     pass
 print(blas_and_flags(), flush=True)
+load_before = os.getloadavg()[0]
 layers = per_layer()
+load_after = os.getloadavg()[0]
 lat = latency()
 epoch = None if args.quick else mnist_epoch()
 if not args.no_write:
     body = [f"Conv2D layers at batch 128, float32, {args.threads} thread(s) for both; best of "
             f"{REPS} interleaved rounds. Ratio = NumPy / PyTorch (lower is better; goal <= 2 "
-            "for 3x3 stride 1). " + blas_and_flags(), "",
+            "for 3x3 stride 1). " + blas_and_flags(),
+            f"Load average (1 min) {load_before:.1f} before and {load_after:.1f} after the layer "
+            f"timings on {os.cpu_count()} cores: the machine was shared with other work. "
+            "NumPy and torch are timed in turn, so both see the same load.", "",
             "| model | layer | shape | NumPy fwd ms | torch fwd ms | ratio | NumPy fwd+bwd ms | "
             "torch fwd+bwd ms | ratio |", "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, lname, shape, nf, tf, nfb, tfb in layers:
