@@ -11,8 +11,8 @@ What makes them fast in NumPy, at one thread:
   buffer that stays in the CPU cache (TILE_BYTES), and each tile is one matrix product
   with the kernel in its Keras layout, patches (pixels, kh*kw*C) @ kernel (kh*kw*C, F),
   the bias as one more kernel row against a column of ones. The input gradient is the
-  same kind of convolution (of the padded output gradient with the flipped kernel), the
-  kernel and bias gradients one product per tile;
+  same kind of correlation (of the output gradient with the flipped kernel), the kernel
+  and bias gradients one product per tile;
 - strided convolution: im2col/col2im, channels-first so that the copies run along rows;
 - conv2d_fft: the convolution theorem (an alternative, tested equal);
 - pooling: one strided view per kernel offset and element-wise maximum/sums (no window
