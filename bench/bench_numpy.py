@@ -3,7 +3,10 @@
     python bench/bench_numpy.py            # everything (full MNIST from ../shared/datasets)
     python bench/bench_numpy.py --quick    # fewer repetitions, no full epoch
 
-Both engines get the same thread count (--threads, default 1, set before numpy loads).
+Both engines get the same thread count (--threads, default 1, set before numpy loads, and
+with threadpoolctl where it is installed). Each layer's four timings are interleaved
+(NumPy forward, torch forward, NumPy forward+backward, torch forward+backward, again and
+again; the best of --reps rounds each), so that a busy machine slows both sides alike.
 """
 from __future__ import annotations
 
@@ -41,14 +44,41 @@ torch.set_num_threads(args.threads)
 REPS = 3 if args.quick else args.reps
 
 
-def best_ms(fn, reps=REPS):
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
+def best_interleaved(fns, reps=REPS):
+    """The best time in ms of each function, run in turn: fns[0], fns[1], ..., fns[0], ..."""
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - t0)
-    return 1000 * min(times)
+    times = [[] for _ in fns]
+    for _ in range(reps):
+        for fn, t in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - t0)
+    return [1000 * min(t) for t in times]
+
+
+def blas_and_flags():
+    """NumPy's BLAS (library, kernel, threads) and the CPU's vector extensions."""
+    try:
+        from threadpoolctl import threadpool_info
+        blas = [f"{i['internal_api']} {i.get('version') or ''} {i.get('architecture') or ''} "
+                f"kernel, {i['num_threads']} thread(s)" for i in threadpool_info()
+                if i["user_api"] == "blas" and "numpy" in i["filepath"]]
+    except ImportError:
+        blas = []
+    flags = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    vec = [f for f in ("avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16",
+                       "amx_tile") if f in flags]
+    core = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ}
+    return (f"NumPy BLAS: {'; '.join(blas) or 'unknown (no threadpoolctl)'}"
+            f"{f' ({core})' if core else ''}. CPU flags: {' '.join(vec) or 'none of avx/avx2/avx512'}.")
 
 
 def conv_layers():
@@ -67,11 +97,8 @@ def per_layer(batch=128):
         x = rng.standard_normal((batch, h, w, c), dtype=np.float32)
         k = rng.standard_normal((*layer.kernel_size, c, layer.filters), dtype=np.float32) * 0.1
         b = np.zeros(layer.filters, np.float32)
-        out, cache = ops.conv2d_forward(x, k, b, layer.strides, layer.padding)
+        out, _ = ops.conv2d_forward(x, k, b, layer.strides, layer.padding)
         dout = rng.standard_normal(out.shape, dtype=np.float32)
-        np_f = best_ms(lambda: ops.conv2d_forward(x, k, b, layer.strides, layer.padding))
-        np_fb = best_ms(lambda: ops.conv2d_backward(
-            dout, ops.conv2d_forward(x, k, b, layer.strides, layer.padding)[1]))
         (pt, pb), (pl, pr) = layer.pads((h, w, c))
         xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
         xt.requires_grad_(True)
@@ -86,7 +113,10 @@ def per_layer(batch=128):
         def tfb():
             y = F.conv2d(F.pad(xt, (pl, pr, pt, pb)), kt, bt, layer.strides)
             y.backward(dt)
-        t_f, t_fb = best_ms(tf), best_ms(tfb)
+        np_f, t_f, np_fb, t_fb = best_interleaved([
+            lambda: ops.conv2d_forward(x, k, b, layer.strides, layer.padding), tf,
+            lambda: ops.conv2d_backward(
+                dout, ops.conv2d_forward(x, k, b, layer.strides, layer.padding)[1]), tfb])
         rows.append((name, layer.name, f"{c}->{layer.filters} {h}x{w} k{layer.kernel_size[0]} "
                      f"{layer.padding}", np_f, t_f, np_fb, t_fb))
         print(f"{rows[-1][0]:12s} {rows[-1][1]:10s} {rows[-1][2]:22s} fwd {np_f:7.1f} / {t_f:6.1f} ms "
@@ -133,12 +163,24 @@ def latency():
     return rows
 
 
+try:
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(args.threads)
+except ImportError:
+    pass
+print(blas_and_flags(), flush=True)
+load_before = os.getloadavg()[0]
 layers = per_layer()
+load_after = os.getloadavg()[0]
 lat = latency()
 epoch = None if args.quick else mnist_epoch()
 if not args.no_write:
     body = [f"Conv2D layers at batch 128, float32, {args.threads} thread(s) for both; best of "
-            f"{REPS}. Ratio = NumPy / PyTorch (lower is better; goal <= 2 for 3x3 stride 1).", "",
+            f"{REPS} interleaved rounds. Ratio = NumPy / PyTorch (lower is better; goal <= 2 "
+            "for 3x3 stride 1). " + blas_and_flags(),
+            f"Load average (1 min) {load_before:.1f} before and {load_after:.1f} after the layer "
+            f"timings on {os.cpu_count()} cores: the machine was shared with other work. "
+            "NumPy and torch are timed in turn, so both see the same load.", "",
             "| model | layer | shape | NumPy fwd ms | torch fwd ms | ratio | NumPy fwd+bwd ms | "
             "torch fwd+bwd ms | ratio |", "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, lname, shape, nf, tf, nfb, tfb in layers:

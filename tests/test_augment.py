@@ -1,4 +1,6 @@
-"""Batch augmentation: determinism, exact flips/shifts/crops, noise level, config checks."""
+"""Batch augmentation: determinism, exact flips/shifts/crops, noise level, config checks;
+the NumPy path equal to the PyTorch one."""
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -7,11 +9,11 @@ from cnnlab.augment import AUGMENT_KEYS, AugmentError, augment, check_augment  #
 
 
 def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
+    return np.random.default_rng(seed)
 
 
 def batch(n=16, c=3, h=12, w=10, seed=0):
-    return torch.rand(n, c, h, w, generator=gen(seed))
+    return torch.from_numpy(np.random.default_rng(seed).random((n, c, h, w), dtype=np.float32))
 
 
 def shifted(img, dy, dx):
@@ -86,10 +88,8 @@ def test_zero_rotation_and_no_shift_is_identity():
 
 def test_rotate_180_on_non_square_images_is_a_double_flip(monkeypatch):
     from cnnlab import augment as aug
-
-    def top_of_range(fn, n, generator, device=None, **kw):  # rand() -> 1, so the angle is +rotate
-        return torch.ones(*n, dtype=kw.get("dtype")) if fn is torch.rand else fn(*n, **kw)
-    monkeypatch.setattr(aug, "_draw", top_of_range)
+    # every uniform draw at the top of its range, so the angle is +rotate
+    monkeypatch.setattr(aug, "_uniform", lambda rng, n, scale: np.full(n, float(scale)))
     x = batch(n=4, h=6, w=10)
     y = augment(x, {"rotate": 180, "fill": "zero"}, gen(0))
     assert torch.allclose(y, x.flip(2).flip(3), atol=1e-5)
@@ -142,3 +142,41 @@ def test_check_augment_normalizes_and_rejects():
         augment(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), {"flip": True}, gen(0))
     with pytest.raises(AugmentError, match="crop"):
         augment(torch.zeros(2, 1, 3, 3), {"crop": 3}, gen(0))
+
+
+CONFIGS = [FULL, {"flip": True}, {"crop": 3}, {"crop": 2, "fill": "zero", "flip": True},
+           {"translate": 2}, {"translate": 0.2, "fill": "zero"}, {"rotate": 30},
+           {"zoom": 0.3, "fill": "zero"}, {"rotate": 180, "zoom": 0.5, "translate": 3},
+           {"noise": 0.1}, {"translate": 0.15, "rotate": 45, "zoom": 0.25, "noise": 0.02}]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=range(len(CONFIGS)))
+@pytest.mark.parametrize("seed", [0, 1, 123])
+def test_numpy_equals_torch_for_the_same_seed(config, seed):
+    """Same draws, same result: NumPy on NHWC arrays, PyTorch (affine_grid + grid_sample)
+    on NCHW tensors, channels_last or not."""
+    x = batch(n=12, c=3, h=11, w=9, seed=seed)
+    want = augment(x, config, gen(seed))
+    got = augment(np.ascontiguousarray(x.permute(0, 2, 3, 1).numpy()), config, gen(seed))
+    assert isinstance(got, np.ndarray) and got.dtype == np.float32 and got.shape == (12, 11, 9, 3)
+    np.testing.assert_allclose(got, want.permute(0, 2, 3, 1).numpy(), rtol=0, atol=2e-5)
+    cl = augment(x.contiguous(memory_format=torch.channels_last), config, gen(seed))
+    np.testing.assert_allclose(got, cl.permute(0, 2, 3, 1).numpy(), rtol=0, atol=2e-5)
+
+
+def test_numpy_path_float64_and_errors():
+    x = np.random.default_rng(0).random((4, 6, 5, 2))
+    y = augment(x, FULL, 3)  # an int seed is a Generator's seed
+    assert y.dtype == np.float64 and y.shape == x.shape
+    assert np.array_equal(y, augment(x, FULL, np.random.default_rng(3)))
+    assert augment(x, {}, 0) is x
+    f = augment(x, {"flip": True}, 5)
+    flipped = [np.array_equal(f[i], x[i, :, ::-1]) for i in range(4)]
+    assert all(flipped[i] or np.array_equal(f[i], x[i]) for i in range(4))
+    assert any(flipped) and not all(flipped)
+    with pytest.raises(AugmentError, match="float array"):
+        augment(x.astype(np.uint8), FULL, 0)
+    with pytest.raises(AugmentError, match="crop"):
+        augment(x[:, :3, :3], {"crop": 3}, 0)
+    with pytest.raises(AugmentError, match="NumPy Generator"):
+        augment(x, FULL, torch.Generator())

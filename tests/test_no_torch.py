@@ -55,3 +55,27 @@ def test_auto_engine_follows_what_is_installed():
     model = cnnlab.zoo.build("litecnn")
     assert get_engine(model, "auto").name == ("torch" if installed else "numpy")
     assert TrainConfig().check().engine == ("torch" if installed else "numpy")
+
+
+TRAIN_AUGMENTED = textwrap.dedent("""
+    import sys
+    sys.modules["torch"] = None  # any import of torch now fails, as where it is not installed
+    from cnnlab.cli import main
+    sys.exit(main(["train", "lenet", "--data", "mnist-5k", "--engine", "numpy", "--epochs", "1",
+                   "--augment", "translate=0.1,flip,rotate=10,zoom=0.1,noise=0.02,crop=2",
+                   "--quiet", "--out", sys.argv[1]]))
+""")
+
+
+def test_numpy_engine_trains_with_augmentation_without_torch(tmp_path):
+    import csv
+    import os
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-c", TRAIN_AUGMENTED, str(run)],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert (run / "model.safetensors").is_file()
+    with open(run / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1 and float(rows[0]["val_accuracy"]) > 0.5

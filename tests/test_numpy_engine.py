@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cnnlab.engines.numpy.engine import NumpyEngine
+from cnnlab.engines.numpy import reference
+from cnnlab.engines.numpy.engine import NumpyEngine, layer_registry
 from cnnlab.layers import (Activation, AvgPool2D, BatchNorm, Conv2D, Dense, Dropout, Flatten,
                            GlobalAvgPool2D, GlobalMaxPool2D, Input, MaxPool2D)
 from cnnlab import Sequential
@@ -188,3 +189,44 @@ def test_bad_inputs():
         engine.forward(np.zeros((2, 8, 8, 3)))
     with pytest.raises(ValueError, match="labels must be in 0..2"):
         engine.loss_and_grads(images(2), np.array([0, 3]))
+
+
+class ReferenceEngine(NumpyEngine):
+    """The same engine on reference.py's plain ops."""
+    ops = reference
+    layer_ops = layer_registry(reference)
+
+
+@pytest.mark.parametrize("name", ["lenet", "lenet5", "litecnn", "cifar-basic", "cifar-bn"])
+def test_zoo_models_fast_equals_reference(name):
+    """Every layer of the zoo's models, training step and inference, gives the same numbers
+    with fast.py (what the engine runs) and reference.py (float64)."""
+    from cnnlab import zoo
+    models = [zoo.build(name), zoo.build(name)]
+    x = np.random.default_rng(0).uniform(0, 1, (3, *models[0].input_shape))
+    y = np.array([0, 1, 2])
+    results = []
+    for model, cls in zip(models, (NumpyEngine, ReferenceEngine)):
+        engine = cls(model, dtype=np.float64, seed=5)
+        loss, logits, grads = engine.loss_and_grads(x, y)
+        acts = engine.activations(x)
+        results.append((loss, logits, grads, acts, dict(model.weights)))
+    (loss, logits, grads, acts, weights), (loss_r, logits_r, grads_r, acts_r, weights_r) = results
+    assert loss == pytest.approx(loss_r, rel=1e-10)
+    np.testing.assert_allclose(logits, logits_r, rtol=1e-10, atol=1e-12)
+    assert set(grads) == set(grads_r) == set(models[0].trainable_names())
+    for k in grads:
+        np.testing.assert_allclose(grads[k], grads_r[k], rtol=1e-8, atol=1e-12, err_msg=k)
+    for (layer, a), (_, b) in zip(acts, acts_r):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12, err_msg=layer)
+    for k in weights:  # BatchNorm's moving statistics, updated alike
+        np.testing.assert_allclose(weights[k], weights_r[k], rtol=1e-10, err_msg=k)
+
+
+def test_every_layer_type_has_an_op_pair():
+    from cnnlab.layers import LAYER_TYPES
+    assert set(NumpyEngine.layer_ops) == set(LAYER_TYPES) - {"Input"}
+    engine = NumpyEngine(small_model())
+    engine.layer_ops = {k: v for k, v in engine.layer_ops.items() if k != "Dense"}
+    with pytest.raises(ValueError, match="cannot run a Dense layer"):
+        engine.forward(images(1))

@@ -1,7 +1,7 @@
-"""Training-time augmentation of whole batches with tensor operations.
+"""Training-time augmentation of whole batches, in NumPy (NHWC) or PyTorch (NCHW).
 
     cfg = check_augment({"flip": True, "translate": 0.1, "rotate": 10})
-    x = augment(x, cfg, generator)   # x: float (N, C, H, W), any device/memory format
+    x = augment(x, cfg, rng)   # x: float NumPy (N, H, W, C), or a torch (N, C, H, W) tensor
 
 Keys (all optional; absent, 0 or False = off):
     translate  float < 1: max shift as a fraction of height/width (continuous),
@@ -13,18 +13,18 @@ Keys (all optional; absent, 0 or False = off):
     noise      std of added Gaussian noise (not clipped)
     crop       int p: pad p pixels on each side (with fill) then crop back at a random offset
 
-Order: crop, flip, then translate/rotate/zoom as one affine resampling
-(bilinear, about the image centre), then noise. Random numbers are drawn from
-`generator` on its own device and moved to x's device, so a CPU generator gives
-the same draws whatever device x is on.
+Order: crop, flip, then translate/rotate/zoom as one affine resampling (bilinear, about
+the image centre, as torch's affine_grid + grid_sample with align_corners=False), then
+noise. Every random number is drawn by `draw` from a NumPy Generator (rng: a Generator or
+an int seed), in one order, whatever the array type: the NumPy and the PyTorch paths give
+the same result for the same seed, on any device. PyTorch is imported only for tensors.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
 
-import torch
-import torch.nn.functional as F
+import numpy as np
 
 AUGMENT_KEYS = ("translate", "fill", "flip", "rotate", "zoom", "noise", "crop")
 FILLS = ("reflect", "zero")
@@ -85,82 +85,172 @@ def check_augment(config) -> dict:
     return out
 
 
-def _draw(fn, n, generator, device=None, **kw):
-    """fn(*n) drawn on the generator's device, then moved to device (if given)."""
-    gdev = generator.device if generator is not None else torch.device("cpu")
-    out = fn(*n, generator=generator, device=gdev, **kw)
-    return out if device is None else out.to(device)
+AFFINE = ("translate", "rotate", "zoom")
 
 
-def _crop(x, pad, fill, generator):
-    n, c, h, w = x.shape
-    if fill == "reflect" and (pad >= h or pad >= w):
+def _uniform(rng, n, scale):
+    """U[-scale, scale], (n,) float64."""
+    return (rng.random(n) * 2 - 1) * scale
+
+
+def draw(cfg: dict, shape, rng) -> dict:
+    """Every random number for a batch of `shape` (N, H, W, C), in a fixed order:
+    crop offsets (oy, ox), flip mask, the affine map theta (N, 2, 3), noise (N, H, W, C).
+
+    theta is the inverse map in normalized coordinates (align_corners=False), as
+    torch.nn.functional.affine_grid takes it: in = A @ out + b, from the image centre,
+    for out = s * R(angle) * in + t."""
+    n, h, w, c = shape
+    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    d = {}
+    if "crop" in cfg:
+        p = cfg["crop"]
+        d["crop"] = (rng.integers(0, 2 * p + 1, n), rng.integers(0, 2 * p + 1, n))
+    if cfg.get("flip"):
+        d["flip"] = rng.random(n) < 0.5
+    if any(k in cfg for k in AFFINE):
+        angle = _uniform(rng, n, math.radians(cfg["rotate"])) if "rotate" in cfg else np.zeros(n)
+        scale = 1 + _uniform(rng, n, cfg["zoom"]) if "zoom" in cfg else np.ones(n)
+        t = cfg.get("translate")
+        if t is None:
+            tx = ty = np.zeros(n)
+        elif isinstance(t, int):  # whole pixels
+            tx, ty = rng.integers(-t, t + 1, n).astype(float), rng.integers(-t, t + 1, n).astype(float)
+        else:
+            tx, ty = _uniform(rng, n, t * w), _uniform(rng, n, t * h)
+        cos, sin = np.cos(angle) / scale, np.sin(angle) / scale
+        d["theta"] = np.stack([
+            np.stack([cos, sin * h / w, -(cos * tx + sin * ty) * 2 / w], 1),
+            np.stack([-sin * w / h, cos, -(-sin * tx + cos * ty) * 2 / h], 1)], 1)
+    if "noise" in cfg:
+        d["noise"] = rng.standard_normal((n, h, w, c), dtype=np.float32)
+    return d
+
+
+def _active(cfg):
+    return any(k in cfg for k in ("crop", "flip", *AFFINE, "noise"))
+
+
+def _check_crop(cfg, h, w):
+    pad = cfg["crop"]
+    if cfg["fill"] == "reflect" and (pad >= h or pad >= w):
         raise AugmentError(f"augment 'crop' {pad} with fill 'reflect' needs images larger than "
                            f"{pad} pixels, got {h}x{w}")
-    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect" if fill == "reflect" else "constant")
-    oy = _draw(torch.randint, (0, 2 * pad + 1, (n,)), generator, x.device)
-    ox = _draw(torch.randint, (0, 2 * pad + 1, (n,)), generator, x.device)
-    rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
-    cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-    idx_n = torch.arange(n, device=x.device)[:, None, None, None]
-    idx_c = torch.arange(c, device=x.device)[None, :, None, None]
-    return padded[idx_n, idx_c, rows, cols]
+    return pad
 
 
-def _flip(x, generator):
-    mask = _draw(torch.rand, ((x.shape[0],),), generator, x.device) < 0.5
-    return torch.where(mask[:, None, None, None], x.flip(3), x)
+def augment(x, config: dict, rng=None):
+    """Randomly transform a float batch: a NumPy (N, H, W, C) array, or a torch (N, C, H, W)
+    tensor (same shape, dtype, device and memory format). rng: a NumPy Generator or a seed."""
+    if rng is not None and not isinstance(rng, (np.random.Generator, int, np.integer)):
+        raise AugmentError(f"augment draws from a NumPy Generator or an int seed, got "
+                           f"{type(rng).__name__}")
+    if not isinstance(x, np.ndarray):
+        return _augment_torch(x, config, rng)
+    cfg = check_augment(config)
+    if x.ndim != 4 or x.dtype.kind != "f":
+        raise AugmentError("augment expects a float array of shape (N, H, W, C)")
+    if not _active(cfg) or x.shape[0] == 0:
+        return x
+    out = x
+    if "crop" in cfg:
+        _check_crop(cfg, *x.shape[1:3])
+    d = draw(cfg, x.shape, rng)
+    if "crop" in d:
+        out = _crop_np(out, cfg["crop"], cfg["fill"], *d["crop"])
+    if "flip" in d:
+        out = np.where(d["flip"][:, None, None, None], out[:, :, ::-1], out)
+    if "theta" in d:
+        out = _grid_sample_np(out, d["theta"], cfg["fill"])
+    if "noise" in d:
+        out = out + d["noise"].astype(out.dtype) * out.dtype.type(cfg["noise"])
+    return out.astype(x.dtype, copy=False)
 
 
-def _affine(x, cfg, generator):
-    """Per image: out = s * R(angle) * in + t about the centre, as one grid_sample."""
-    n, _, h, w = x.shape
-
-    def uniform(scale):  # U[-scale, scale], (n,), float64 on the generator's device
-        return (_draw(torch.rand, ((n,),), generator, dtype=torch.float64) * 2 - 1) * scale
-
-    gdev = generator.device if generator is not None else torch.device("cpu")
-    zero = torch.zeros(n, dtype=torch.float64, device=gdev)
-    angle = uniform(math.radians(cfg["rotate"])) if "rotate" in cfg else zero
-    scale = 1 + uniform(cfg["zoom"]) if "zoom" in cfg else zero + 1
-    t = cfg.get("translate")
-    if t is None:
-        tx = ty = zero
-    elif isinstance(t, int):  # whole pixels
-        tx = _draw(torch.randint, (-t, t + 1, (n,)), generator).double()
-        ty = _draw(torch.randint, (-t, t + 1, (n,)), generator).double()
-    else:
-        tx, ty = uniform(t * w), uniform(t * h)
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    # inverse map in normalized coords (align_corners=False): in = A @ out + b
-    theta = torch.stack([
-        torch.stack([cos, sin * h / w, -(cos * tx + sin * ty) * 2 / w], 1),
-        torch.stack([-sin * w / h, cos, -(-sin * tx + cos * ty) * 2 / h], 1),
-    ], 1).to(device=x.device, dtype=x.dtype)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    pad = "reflection" if cfg.get("fill", "reflect") == "reflect" else "zeros"
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode=pad, align_corners=False)
+def _crop_np(x, pad, fill, oy, ox):
+    n, h, w, _ = x.shape
+    mode = "reflect" if fill == "reflect" else "constant"
+    padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode=mode)
+    rows = (oy[:, None] + np.arange(h))[:, :, None]
+    cols = (ox[:, None] + np.arange(w))[:, None, :]
+    return padded[np.arange(n)[:, None, None], rows, cols]
 
 
-def augment(x: torch.Tensor, config: dict, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Randomly transform a float (N, C, H, W) batch; same shape, dtype, device and memory format."""
+def _reflect(coord, size):
+    """grid_sample's reflection about the pixel edges -0.5 and size - 0.5
+    (align_corners=False), then clipped to [0, size - 1]."""
+    span = size
+    c = np.abs(coord + 0.5)
+    flips = np.floor(c / span)
+    extra = np.fmod(c, span)
+    c = np.where(flips % 2 == 0, extra - 0.5, span - extra - 0.5)
+    return np.clip(c, 0, size - 1)
+
+
+def _grid_sample_np(x, theta, fill):
+    """Bilinear resampling of x (N, H, W, C) at the inverse-mapped points, as
+    grid_sample(affine_grid(theta), align_corners=False): output pixel (i, j) has
+    normalized coordinates ((2j + 1) / W - 1, (2i + 1) / H - 1); theta maps them into the
+    input, where pixel centres sit at integer coordinates (ix = ((gx + 1) W - 1) / 2)."""
+    n, h, w = x.shape[:3]
+    xs, ys = (2 * np.arange(w) + 1) / w - 1, (2 * np.arange(h) + 1) / h - 1
+    t = theta[:, :, :, None, None]
+    gx = t[:, 0, 0] * xs + t[:, 0, 1] * ys[:, None] + t[:, 0, 2]      # (N, H, W)
+    gy = t[:, 1, 0] * xs + t[:, 1, 1] * ys[:, None] + t[:, 1, 2]
+    ix, iy = ((gx + 1) * w - 1) / 2, ((gy + 1) * h - 1) / 2
+    if fill == "reflect":
+        ix, iy = _reflect(ix, w), _reflect(iy, h)
+    x0, y0 = np.floor(ix), np.floor(iy)
+    fx, fy = ix - x0, iy - y0
+    out = np.zeros(x.shape, np.float64)
+    nn = np.arange(n)[:, None, None]
+    for dy, wy in ((0, 1 - fy), (1, fy)):
+        for dx, wx in ((0, 1 - fx), (1, fx)):
+            yy, xx = (y0 + dy).astype(np.int64), (x0 + dx).astype(np.int64)
+            inside = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)      # zeros outside
+            tap = x[nn, np.clip(yy, 0, h - 1), np.clip(xx, 0, w - 1)]
+            out += tap * (wy * wx * inside)[..., None]
+    return out.astype(x.dtype)
+
+
+def _augment_torch(x, config, rng):
+    """The same transform on a float torch (N, C, H, W) tensor, with torch's own affine_grid
+    and grid_sample, and the numbers of draw()."""
+    import torch  # only here: NumPy callers never need it
+    import torch.nn.functional as F
+
     cfg = check_augment(config)
     if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
         raise AugmentError("augment expects a float tensor of shape (N, C, H, W)")
-    if not any(k in cfg for k in ("crop", "flip", "translate", "rotate", "zoom", "noise")) or x.shape[0] == 0:
+    if not _active(cfg) or x.shape[0] == 0:
         return x
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    dtype = x.dtype
+    dtype, dev = x.dtype, x.device
     out = x.float() if dtype in (torch.float16, torch.bfloat16) else x
+    n, c, h, w = x.shape
     if "crop" in cfg:
-        out = _crop(out, cfg["crop"], cfg["fill"], generator)
-    if cfg.get("flip"):
-        out = _flip(out, generator)
-    if any(k in cfg for k in ("translate", "rotate", "zoom")):
-        out = _affine(out, cfg, generator)
-    if "noise" in cfg:
-        noise = _draw(torch.randn, (tuple(out.shape),), generator, out.device, dtype=torch.float32)
-        out = out + noise.to(out.dtype) * cfg["noise"]
+        _check_crop(cfg, h, w)
+    d = draw(cfg, (n, h, w, c), rng)
+    if "crop" in d:
+        pad = cfg["crop"]
+        padded = F.pad(out, (pad, pad, pad, pad),
+                       mode="reflect" if cfg["fill"] == "reflect" else "constant")
+        oy, ox = (torch.from_numpy(a).to(dev) for a in d["crop"])
+        rows = (oy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
+        cols = (ox[:, None] + torch.arange(w, device=dev))[:, None, None, :]
+        out = padded[torch.arange(n, device=dev)[:, None, None, None],
+                     torch.arange(c, device=dev)[None, :, None, None], rows, cols]
+    if "flip" in d:
+        mask = torch.from_numpy(d["flip"]).to(dev)
+        out = torch.where(mask[:, None, None, None], out.flip(3), out)
+    if "theta" in d:
+        theta = torch.from_numpy(d["theta"]).to(device=dev, dtype=out.dtype)
+        grid = F.affine_grid(theta, list(out.shape), align_corners=False)
+        pad = "reflection" if cfg["fill"] == "reflect" else "zeros"
+        out = F.grid_sample(out, grid, mode="bilinear", padding_mode=pad, align_corners=False)
+    if "noise" in d:
+        noise = torch.from_numpy(d["noise"]).permute(0, 3, 1, 2).to(device=dev, dtype=out.dtype)
+        out = out + noise * cfg["noise"]
     out = out.to(dtype)
     if channels_last:
         out = out.contiguous(memory_format=torch.channels_last)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...augment import augment
 from ...preprocess import apply
 from ..base import Tally, evaluate_logits
 from .engine import NumpyEngine
@@ -38,21 +39,10 @@ class NumpyBackend:
     def seed_epoch(self, seed):
         self.engine.rng = np.random.default_rng(seed)
 
-    def _augment(self, xb, seed):
-        try:
-            import torch  # augmentation is written as tensor operations
-        except ImportError:
-            raise ValueError("augmentation needs PyTorch, which is not installed; "
-                             "train without --augment (or --augment none)") from None
-        from ...augment import augment
-        t = torch.from_numpy(xb).permute(0, 3, 1, 2)
-        t = augment(t, self.cfg.augment, torch.Generator().manual_seed(seed))
-        return np.ascontiguousarray(t.permute(0, 2, 3, 1).numpy())
-
     def train_step(self, idx, seed):
         xb, yb = apply(self.prep, self.x[idx]), self.y[idx]
         if self.cfg.augment:
-            xb = self._augment(xb, seed)
+            xb = augment(xb, self.cfg.augment, np.random.default_rng(seed))
         loss, logits, grads = self.engine.loss_and_grads(xb, yb, self.loss_kind,
                                                          self.cfg.label_smoothing)
         self.opt.step(grads)

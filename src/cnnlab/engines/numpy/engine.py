@@ -1,8 +1,11 @@
-"""The NumPy engine: runs a Sequential layer by layer with the ops of ops.py.
+"""The NumPy engine: runs a Sequential layer by layer with the ops of fast.py.
 
 The engine only walks the layers; every forward and backward formula lives in
-ops.py. Images are NHWC float arrays, already preprocessed. Weights are read from
-model.weights (Keras layouts) at each call, so the engine always sees the current ones.
+fast.py (the plain versions, for reading: reference.py). The registry maps each layer type
+(layers.py `type`) to its (forward, backward) pair (layer_registry): a new layer kind adds one
+entry there.
+Images are NHWC float arrays, already preprocessed. Weights are read from model.weights
+(Keras layouts) at each call, so the engine always sees the current ones.
 
 The network's output is the logits: the final softmax/sigmoid (the one at
 model.final_activation_index) is left out of forward() and of the training loss,
@@ -13,7 +16,58 @@ from __future__ import annotations
 import numpy as np
 
 from ...losses import KINDS, resolve_loss
-from . import ops
+from . import fast
+
+
+def _with_grads(backward, *names):
+    """A backward returning (dx, *grads) -> (dx, {name: grad}), leaving out None grads."""
+    def run(dout, cache, need_dx):
+        dx, *grads = backward(dout, cache, need_dx)
+        return dx, {k: g for k, g in zip(names, grads) if g is not None}
+    return run
+
+
+def _no_params(backward):
+    """A backward(dout, cache) -> dx of a layer without parameters."""
+    return lambda dout, cache, need_dx: (backward(dout, cache), {})
+
+
+def layer_registry(ops):
+    """The registry of an ops module (fast or reference): layer type (layers.py `type`) ->
+    (forward(engine, layer, x, training) -> (out, cache),
+     backward(dout, cache, need_dx) -> (dx, {param name: grad}))."""
+    def batchnorm(e, layer, x, training):
+        w = e.model.weights  # the moving statistics are updated in place in training
+        return ops.batchnorm_forward(
+            x, e.param(layer, "gamma"), e.param(layer, "beta"), w[f"{layer.name}.moving_mean"],
+            w[f"{layer.name}.moving_variance"], layer.epsilon, layer.momentum, training)
+
+    def pool(forward):
+        return lambda e, layer, x, training: forward(x, layer.pool_size, layer.strides,
+                                                     layer.padding)
+    return {
+        "Conv2D": (lambda e, layer, x, training: ops.conv2d_forward(
+                       x, e.param(layer, "kernel"), e.param(layer, "bias"), layer.strides,
+                       layer.padding),
+                   _with_grads(ops.conv2d_backward, "kernel", "bias")),
+        "Dense": (lambda e, layer, x, training: ops.dense_forward(
+                      x, e.param(layer, "kernel"), e.param(layer, "bias")),
+                  _with_grads(ops.dense_backward, "kernel", "bias")),
+        "MaxPool2D": (pool(ops.maxpool_forward), _no_params(ops.maxpool_backward)),
+        "AvgPool2D": (pool(ops.avgpool_forward), _no_params(ops.avgpool_backward)),
+        "GlobalAvgPool2D": (lambda e, layer, x, training: ops.global_avgpool_forward(x),
+                            _no_params(ops.global_avgpool_backward)),
+        "GlobalMaxPool2D": (lambda e, layer, x, training: ops.global_maxpool_forward(x),
+                            _no_params(ops.global_maxpool_backward)),
+        "Flatten": (lambda e, layer, x, training: ops.flatten_forward(x),
+                    _no_params(ops.flatten_backward)),
+        "Dropout": (lambda e, layer, x, training: ops.dropout_forward(
+                        x, layer.rate, training, e.rng),
+                    _no_params(ops.dropout_backward)),
+        "BatchNorm": (batchnorm, _with_grads(
+            lambda dout, cache, need_dx: ops.batchnorm_backward(dout, cache), "gamma", "beta")),
+        "Activation": (lambda e, layer, x, training: (x, None), _no_params(lambda d, c: d)),
+    }
 
 
 class NumpyEngine:
@@ -23,6 +77,8 @@ class NumpyEngine:
     checks). Dropout draws its masks from self.rng.
     """
     name = "numpy"
+    ops = fast                    # the math: fast.py (reference.py gives the same numbers)
+    layer_ops = layer_registry(fast)  # layer type -> (forward, backward)
 
     def __init__(self, model, dtype=np.float32, seed: int = 0):
         self.model = model
@@ -30,7 +86,8 @@ class NumpyEngine:
         self.rng = np.random.default_rng(seed)
 
     # weights ----------------------------------------------------------------------
-    def _param(self, layer, pname):
+    def param(self, layer, pname):
+        """The parameter `<layer>.<pname>` in the engine's dtype (None if absent)."""
         arr = self.model.weights.get(f"{layer.name}.{pname}")
         return None if arr is None else arr.astype(self.dtype, copy=False)
 
@@ -45,36 +102,13 @@ class NumpyEngine:
     def _forward(self, i, x, training=False, activation=True):
         """Layer i on x; returns (output, cache). activation=False leaves its activation out."""
         layer = self.model.layers[i]
-        kind, p = layer.type, (lambda name: self._param(layer, name))
-        if kind == "Conv2D":
-            h, cache = ops.conv2d_forward(x, p("kernel"), p("bias"), layer.strides, layer.padding)
-        elif kind == "Dense":
-            h, cache = ops.dense_forward(x, p("kernel"), p("bias"))
-        elif kind == "MaxPool2D":
-            h, cache = ops.maxpool_forward(x, layer.pool_size, layer.strides, layer.padding)
-        elif kind == "AvgPool2D":
-            h, cache = ops.avgpool_forward(x, layer.pool_size, layer.strides, layer.padding)
-        elif kind == "GlobalAvgPool2D":
-            h, cache = ops.global_avgpool_forward(x)
-        elif kind == "GlobalMaxPool2D":
-            h, cache = ops.global_maxpool_forward(x)
-        elif kind == "Flatten":
-            h, cache = ops.flatten_forward(x)
-        elif kind == "Dropout":
-            h, cache = ops.dropout_forward(x, layer.rate, training, self.rng)
-        elif kind == "BatchNorm":
-            w = self.model.weights  # moving statistics are updated in place in training
-            h, cache = ops.batchnorm_forward(
-                x, p("gamma"), p("beta"), w[f"{layer.name}.moving_mean"],
-                w[f"{layer.name}.moving_variance"], layer.epsilon, layer.momentum, training)
-        elif kind == "Activation":
-            h, cache = x, None
-        else:
-            raise ValueError(f"the NumPy engine cannot run a {kind} layer")
+        if layer.type not in self.layer_ops:
+            raise ValueError(f"the NumPy engine cannot run a {layer.type} layer")
+        h, cache = self.layer_ops[layer.type][0](self, layer, x, training)
         act = getattr(layer, "activation", "linear") if activation else "linear"
         act_cache = None
         if act != "linear":
-            h, act_cache = ops.activation_forward(h, act)
+            h, act_cache = self.ops.activation_forward(h, act)
         return h, (cache, act_cache)
 
     def _backward(self, i, dout, caches, need_dx=True):
@@ -82,21 +116,8 @@ class NumpyEngine:
         layer = self.model.layers[i]
         cache, act_cache = caches
         if act_cache is not None:
-            dout = ops.activation_backward(dout, act_cache)
-        kind, grads = layer.type, {}
-        if kind in ("Conv2D", "Dense"):
-            backward = ops.conv2d_backward if kind == "Conv2D" else ops.dense_backward
-            dx, grads["kernel"], db = backward(dout, cache, need_dx)
-            if db is not None:
-                grads["bias"] = db
-        elif kind == "BatchNorm":
-            dx, grads["gamma"], grads["beta"] = ops.batchnorm_backward(dout, cache)
-        else:
-            dx = {"MaxPool2D": ops.maxpool_backward, "AvgPool2D": ops.avgpool_backward,
-                  "GlobalAvgPool2D": ops.global_avgpool_backward,
-                  "GlobalMaxPool2D": ops.global_maxpool_backward,
-                  "Flatten": ops.flatten_backward, "Dropout": ops.dropout_backward,
-                  "Activation": lambda d, c: d}[kind](dout, cache)
+            dout = self.ops.activation_backward(dout, act_cache)
+        dx, grads = self.layer_ops[layer.type][1](dout, cache, need_dx)
         return dx, {f"{layer.name}.{k}": g for k, g in grads.items()}
 
     def _run(self, x, upto, training, activations):
@@ -128,9 +149,9 @@ class NumpyEngine:
 
     def _probabilities(self, z):
         if self.model.output_activation == "sigmoid":
-            p = ops.sigmoid(z)
+            p = self.ops.sigmoid(z)
             return np.concatenate([1 - p, p], axis=1) if p.shape[1] == 1 else p
-        return ops.softmax(z)
+        return self.ops.softmax(z)
 
     def activations(self, x):
         """[(layer name, output)] for every layer at inference, after its activation
@@ -152,7 +173,7 @@ class NumpyEngine:
         n = len(self.model.layers)
         logits, caches = self._run(x, n - 1, True, self._logits_mask())
         kind = loss if loss in KINDS else resolve_loss(loss, self.model)
-        value, g = ops.loss_on_logits(kind, logits, y, label_smoothing)
+        value, g = self.ops.loss_on_logits(kind, logits, y, label_smoothing)
         grads = {}
         for i in range(n - 1, -1, -1):
             g, layer_grads = self._backward(i, g, caches[i], need_dx=i > 0)

@@ -109,8 +109,7 @@ class TorchBackend:
         xb, yb = self._batch(self.x.index_select(0, ii)), self.y.index_select(0, ii)
         if self.cfg.augment:
             from ...augment import augment
-            g = torch.Generator(device="cpu").manual_seed(seed)
-            xb = augment(xb, self.cfg.augment, g)
+            xb = augment(xb, self.cfg.augment, np.random.default_rng(seed))
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             logits = self.net(xb)
             loss = loss_fn(self.loss_kind, logits.float(), yb, self.cfg.label_smoothing)
