@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
+from ..augment import check_augment
 from ..engines.base import ENGINES, resolve_engine
 from ..losses import LossError, canonical
 
@@ -103,7 +104,6 @@ class TrainConfig:
                  f"early_stopping monitor must be one of {', '.join(MONITORS)}")
             self.early_stopping = es
         if self.augment:
-            from ..augment import check_augment
             try:
                 self.augment = check_augment(self.augment)
             except ValueError as e:
