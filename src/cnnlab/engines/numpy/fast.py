@@ -227,8 +227,13 @@ def _correlate(flat, w2, kernel, wp, pixels):
     out = np.empty((pixels[0] * pixels[1], f), w2.dtype)
     tile = _tile_rows(k, out.itemsize)
     buf = np.empty(tile * k, w2.dtype)
+    # OpenBLAS (0.3.31, AVX-512) runs (rows, ~290) @ (~290, 16..32) products, a 3x3 kernel
+    # over 32 channels, 10-20% faster in pieces of 64 rows (its small-matrix kernel)
+    sub = 64 if 16 <= f <= 32 and 256 <= k <= 320 else tile
     for s, rows in _tiles(*pixels, tile):
-        np.matmul(_patches(flat, s, rows, kernel, wp, buf, ones), w2, out=out[s:s + rows])
+        p = _patches(flat, s, rows, kernel, wp, buf, ones)
+        for r in range(0, rows, sub):
+            np.matmul(p[r:r + sub], w2, out=out[s + r:s + min(r + sub, rows)])
     return out
 
 
