@@ -261,3 +261,37 @@ def test_fit_returns_a_keras_like_history(mnist5k):
     assert h.epoch == [0, 1] and h[1]["epoch"] == 2
     np.testing.assert_allclose(read_history(h.history)["val_accuracy"],
                                [row["val_accuracy"] for row in h])
+
+
+def test_keras_style_compile_add_and_validation_data(mnist5k):
+    from cnnlab import Dense, Flatten, Input, ModelError, Sequential
+    m = Sequential()
+    with pytest.raises(ModelError, match="no layers yet"):
+        m.summary()
+    m.add(Input((28, 28, 1)))
+    m.add(Flatten())
+    m.add(Dense(10, activation="softmax"))
+    assert m.count_params()[0] == 7850
+    with pytest.raises(ModelError, match="unknown metric"):
+        m.compile(metrics=["f1"])
+    with pytest.raises(TrainingError, match="unknown training option"):
+        m.compile(optimizer={"name": "sgd", "nesterovv": True})
+    m.compile(optimizer={"name": "sgd", "learning_rate": 0.1, "momentum": 0.9},
+              loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    ds = small(mnist5k, 400)
+    h = m.fit(ds.x_train, ds.y_train, epochs=2, verbose=0,
+              validation_data=(ds.x_test[:100], ds.y_test[:100]))
+    assert h[-1]["lr"] == 0.1 and h.history["val_accuracy"][-1] > 0.5
+    res = m.evaluate((ds.x_test[:100], ds.y_test[:100]), engine="numpy")
+    assert res["accuracy"] == pytest.approx(h[-1]["val_accuracy"], abs=1e-9)
+    m.add(Dense(10, activation="softmax"))            # keeps the trained weights below it
+    assert m.layers[-1].name == "dense_1" and "dense.kernel" in m.weights
+
+
+def test_cli_shorthands_work_in_python_too():
+    cfg = TrainConfig(early_stopping=3, augment="flip,translate=2").check()
+    assert cfg.early_stopping["patience"] == 3 and cfg.early_stopping["monitor"] == "val_loss"
+    assert cfg.augment["flip"] is True and cfg.augment["translate"] == 2
+    assert TrainConfig(augment="none").check().augment == {}
+    with pytest.raises(TrainingError, match="twirl"):
+        TrainConfig(augment="twirl=3").check()

@@ -11,17 +11,100 @@ from pathlib import Path
 from . import fileformat, interop
 from .console import summary_table
 from .evaluate import evaluate as _evaluate
+from .layers import Input, Layer, ModelError
+from .losses import canonical
 from .model import Model
 from .predict import predict_proba
+from .training import TrainConfig
 from .training import fit as _fit
+
+
+METRICS = ("accuracy", "acc", "sparse_categorical_accuracy", "categorical_accuracy",
+           "top_k_categorical_accuracy", "sparse_top_k_categorical_accuracy")
 
 
 class Sequential(Model):
     """A stack of layers, Keras style, that trains, evaluates, predicts and saves itself.
 
+        model = Sequential([Input((28, 28, 1)), Flatten(), Dense(10, activation="softmax")])
+        model = Sequential(); model.add(Input((28, 28, 1))); model.add(Flatten()); ...
+        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy",
+                      metrics=["accuracy"])
+
     Attributes: layers, input_shape, layer_shapes ([(in, out)] channels-last), weights
     ({"<layer>.<param>": float32 array in Keras layout}) and meta (class names,
     preprocessing, training summary; saved with the model)."""
+
+    def __init__(self, layers=None, name: str = "sequential", input_shape=None,
+                 init: bool = True):
+        self._compiled: dict = {}
+        self._pending = list(layers or [])
+        self._pending_input = input_shape
+        self.name = name
+        if self._pending and (input_shape is not None or len(self._pending) > 1
+                              or not isinstance(self._pending[0], Input)):
+            super().__init__(self._pending, name=name, input_shape=input_shape, init=init)
+            self._pending = None
+
+    def __getattr__(self, attr):   # only reached while the model is not built yet
+        if attr.startswith("__") or attr in ("_pending", "_pending_input", "_compiled"):
+            raise AttributeError(attr)
+        raise ModelError("the model has no layers yet: add an Input and a layer, "
+                         "e.g. model.add(Input((28, 28, 1))); model.add(Flatten())")
+
+    @property
+    def built(self) -> bool:
+        return self._pending is None
+
+    def add(self, layer):
+        """Append a layer (the first may be an Input), as Keras' Sequential.add. Weights of
+        the layers already there are kept; the new layer's are initialized."""
+        if not isinstance(layer, Layer):
+            raise ModelError(f"add() takes a layer such as Conv2D or Dense, got {layer!r}")
+        if self.built:
+            if isinstance(layer, Input):
+                raise ModelError("the model has its Input already; add() a layer after it")
+            old, meta = dict(self.weights), self.meta
+            Model.__init__(self, [self.input_layer, *self.layers, layer], name=self.name)
+            self.weights.update({k: v for k, v in old.items() if k in self.weights
+                                 and v.shape == self.weights[k].shape})
+            self.meta = meta
+            return
+        pending = self._pending + [layer]
+        has_input = (pending and isinstance(pending[0], Input)) or \
+            self._pending_input is not None
+        if has_input and any(not isinstance(p, Input) for p in pending):
+            Model.__init__(self, pending, name=self.name, input_shape=self._pending_input)
+            self._pending = None
+        else:
+            self._pending = pending
+
+    def compile(self, optimizer="adam", loss="categorical_crossentropy", metrics=None, **kw):
+        """Keep training settings for fit(), as Keras' compile: optimizer a name ('adam',
+        'sgd', 'adamw', 'rmsprop') or {"name": ..., "lr"/"learning_rate": ..., ...}; loss a
+        Keras loss name; metrics ['accuracy'] (accuracy and, over 5 classes, top-5 are always
+        reported). Other keywords are fit() options (lr, momentum, schedule, ...)."""
+        opts = dict(kw)
+        if isinstance(optimizer, dict):
+            o = dict(optimizer)
+            opts["optimizer"] = o.pop("name", "adam")
+            if "learning_rate" in o:
+                o["lr"] = o.pop("learning_rate")
+            opts.update(o)
+        elif isinstance(optimizer, str):
+            opts["optimizer"] = optimizer.lower()
+        else:
+            raise ModelError(f"optimizer must be a name such as 'adam' or a dict, got "
+                             f"{optimizer!r}")
+        if "learning_rate" in opts:
+            opts["lr"] = opts.pop("learning_rate")
+        opts["loss"] = canonical(loss)
+        for m in metrics or []:
+            if m not in METRICS:
+                raise ModelError(f"unknown metric {m!r}; cnnlab reports accuracy (and top-5 "
+                                 "accuracy over 5 classes): metrics=['accuracy']")
+        TrainConfig.from_dict({k: v for k, v in opts.items()})   # unknown names fail now
+        self._compiled = opts
 
     def summary(self, line_length=None, print_fn=None):
         """Print a Keras-style table: layer (type), output shape, parameter count.
@@ -44,7 +127,7 @@ class Sequential(Model):
         lr, schedule, loss, augment, val_split, early_stopping, seed, device, engine, out).
         Returns a History: `.history` {"loss": [...], "accuracy": [...], "val_loss": ...},
         `.epoch`; iterating gives one dict per epoch."""
-        return _fit(self, x if y is None else (x, y), **options)
+        return _fit(self, x if y is None else (x, y), **{**self._compiled, **options})
 
     def evaluate(self, data="mnist-5k", *, engine: str = "auto", batch_size: int = 256):
         """Loss (the training loss), accuracy, per-class precision/recall/F1 and the

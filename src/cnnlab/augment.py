@@ -42,10 +42,35 @@ def _number(key, v, lo=0.0, hi=math.inf, hi_open=False):
     return v
 
 
+def parse_augment(text: str | None):
+    """The CLI's text form, e.g. "flip,translate=0.1,rotate=10" -> a config dict;
+    "none" -> {} (augmentation off)."""
+    if text is None:
+        return None
+    if text.strip().lower() in ("none", "off", ""):
+        return {}
+    out = {}
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        key, _, val = part.partition("=")
+        if not val:
+            out[key] = True
+            continue
+        try:
+            out[key] = int(val) if val.lstrip("-").isdigit() else float(val)
+        except ValueError:
+            out[key] = val
+    return out
+
+
 def check_augment(config) -> dict:
     """Validate an augmentation config; return it normalized (only active keys, fill set)."""
     if config is None:
         return {}
+    if isinstance(config, str):
+        config = parse_augment(config)
     if not isinstance(config, Mapping):
         raise AugmentError(f"augment config must be a dict, got {type(config).__name__}")
     unknown = sorted(str(k) for k in config if k not in AUGMENT_KEYS)

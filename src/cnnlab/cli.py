@@ -149,29 +149,9 @@ def load_model_arg(arg: str):
     return load_any(arg)
 
 
-def parse_augment(text: str | None):
-    if text is None:
-        return None
-    if text.strip().lower() in ("none", "off", ""):
-        return {}
-    out = {}
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        key, _, val = part.partition("=")
-        if not val:
-            out[key] = True
-            continue
-        try:
-            out[key] = int(val) if val.lstrip("-").isdigit() else float(val)
-        except ValueError:
-            out[key] = val
-    return out
-
-
 def cmd_train(args):
     from . import datasets, zoo
+    from .augment import parse_augment
     from .training import TrainConfig, default_run_dir, fit, resume_run
     if args.resume:
         if args.model:

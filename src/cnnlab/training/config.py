@@ -47,10 +47,10 @@ class TrainConfig:
     min_lr: float = 0.0
     loss: str = "categorical_crossentropy"
     label_smoothing: float = 0.0
-    augment: dict | None = None
+    augment: dict | str | None = None     # a dict, or the CLI's text: "flip,translate=0.1"
     standardize: bool = False
     val_split: float = 0.0                # 0: validate on the test split
-    early_stopping: dict | None = None    # {"monitor", "patience", "min_delta", "restore_best_weights"}
+    early_stopping: dict | int | None = None  # patience, or {"monitor", "patience", "min_delta", "restore_best_weights"}
     seed: int = 0
     device: str = "auto"
     engine: str = "auto"                  # auto: torch when installed, else numpy
@@ -95,7 +95,12 @@ class TrainConfig:
         need(self.lr > 0 and math.isfinite(self.lr), f"lr must be > 0, got {self.lr}")
         need(0 <= self.val_split < 1, f"val_split must be in [0, 1), got {self.val_split}")
         need(0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)")
+        if isinstance(self.early_stopping, int) and not isinstance(self.early_stopping, bool):
+            self.early_stopping = {"patience": self.early_stopping}   # as --early-stopping N
         if self.early_stopping is not None:
+            need(isinstance(self.early_stopping, dict),
+                 "early_stopping is a patience (int) or a dict of monitor, patience, min_delta, "
+                 "restore_best_weights")
             es = {"monitor": "val_loss", "patience": 3, "min_delta": 0.0,
                   "restore_best_weights": True, **self.early_stopping}
             need(set(es) == {"monitor", "patience", "min_delta", "restore_best_weights"},

@@ -62,14 +62,25 @@ def load_dataset(data, cfg: TrainConfig, input_shape):
             list(data.class_names))
 
 
-def prepare_data(data, cfg: TrainConfig, input_shape) -> Prepared:
-    """Load the dataset, split validation data, compute standardization statistics."""
+def prepare_data(data, cfg: TrainConfig, input_shape, validation_data=None) -> Prepared:
+    """Load the dataset, split validation data (or take `validation_data`, an (x, y) pair,
+    as Keras' fit does), compute standardization statistics."""
     name, xt, yt, xs, ys, class_names = load_dataset(data, cfg, input_shape)
     if tuple(xt.shape[1:]) != tuple(input_shape):
         raise TrainingError(f"the data's images are {'x'.join(map(str, xt.shape[1:]))} but the "
                             f"model expects {'x'.join(map(str, input_shape))}; build the model "
                             f"with Input(shape={tuple(xt.shape[1:])})")
-    if cfg.val_split > 0:
+    if validation_data is not None:
+        if cfg.val_split > 0:
+            raise TrainingError("give validation_data or val_split, not both")
+        if not (isinstance(validation_data, (tuple, list)) and len(validation_data) == 2):
+            raise TrainingError("validation_data is an (x, y) pair of arrays")
+        xv, yv = arrays_to_uint8(*validation_data)
+        if tuple(xv.shape[1:]) != tuple(input_shape):
+            raise TrainingError(f"validation_data images are {'x'.join(map(str, xv.shape[1:]))}"
+                                f" but the model expects {'x'.join(map(str, input_shape))}")
+        val_source = f"validation_data: {len(xv):,} images"
+    elif cfg.val_split > 0:
         rng = np.random.default_rng(cfg.seed)
         perm = rng.permutation(len(xt))
         n_val = max(1, int(round(len(xt) * cfg.val_split)))

@@ -186,19 +186,20 @@ def default_run_dir(cfg: TrainConfig, model_name: str) -> Path:
     return Path("runs") / f"{model_name}-{data}-{stamp}"
 
 
-def fit(model, data="mnist-5k", /, *, resume: str | os.PathLike | None = None, **options):
+def fit(model, data="mnist-5k", /, *, resume: str | os.PathLike | None = None,
+        validation_data=None, **options):
     """Train `model` in place on `data`; returns a History (Keras' `.history` dict of lists,
     and the list of per-epoch dicts).
 
     data: a dataset name, a folder, a Dataset, or an (x, y) pair of arrays. Options are
     the fields of TrainConfig. A new model starts from weights seeded by `seed`; a trained
-    one continues from its weights.
+    one continues from its weights. validation_data: an (x, y) pair to validate on.
     """
     if resume is not None:
         return resume_run(resume, model=model)
     options.setdefault("data", data_name(data))
     cfg = TrainConfig.from_dict(options).check()
-    prepared = prepare_data(data, cfg, model.input_shape)
+    prepared = prepare_data(data, cfg, model.input_shape, validation_data)
     if model.fresh:  # a new model starts from seeded weights; a trained one continues
         model.init_weights(cfg.seed)
     model.meta.update({"class_names": prepared.class_names,
