@@ -85,7 +85,12 @@ def test_predict_reports_bad_files_and_predicts_the_rest(run_dir, tmp_path):
     (["train", "lenet", "--data", "nosuchset"], "nosuchset"),
     (["train", "lenet", "--augment", "twirl=3"], "twirl"),
     (["train", "lenet", "--epochs", "0"], "epochs must be >= 1"),
-    (["summary", "missing.safetensors"], "not a zoo model"),
+    (["summary", "missing.safetensors"], "missing.safetensors: no such file"),
+    (["summary", "nothere.json"], "nothere.json: no such file"),
+    (["summary", "nothere"], "not a zoo model"),
+    (["train", "lenet", "--device", "cuda:1"], "cuda:1"),
+    (["train", "lenet", "--engine", "numpy", "--device", "cuda"], "NumPy engine runs on the CPU"),
+    (["train", "lenet", "--engine", "numpy", "--precision", "bf16"], "computes in float32"),
     (["evaluate", "lenet"], "which dataset"),
 ])
 def test_bad_arguments_give_one_clear_error(args, message):

@@ -2,6 +2,8 @@
 import json
 import math
 
+import numpy as np
+
 import pytest
 
 from cnnlab import zoo
@@ -167,3 +169,18 @@ def test_avgpool_and_global_pool_shapes():
     assert m.layer_shapes[0][1] == (5, 5, 3) and m.output_shape == (3,)
     m = Sequential([Input((9, 9, 3)), MaxPool2D(3, strides=2), Activation("tanh")])
     assert m.output_shape == (4, 4, 3)
+
+
+def test_save_refuses_foreign_extensions_and_writes_keras_files(tmp_path):
+    m = zoo.build("lenet")
+    with pytest.raises(ModelError, match=r"x\.h5: cnnlab writes \.safetensors"):
+        m.save(tmp_path / "x.h5")
+    assert not list(tmp_path.iterdir())
+    assert m.save(tmp_path / "x").name == "x.safetensors"
+    pytest.importorskip("h5py")
+    path = m.save(tmp_path / "x.keras")
+    import cnnlab
+    again = cnnlab.load(path)
+    x = np.random.default_rng(0).random((2, 28, 28, 1))
+    np.testing.assert_allclose(again.predict(x, engine="numpy"), m.predict(x, engine="numpy"),
+                               atol=1e-6)

@@ -135,7 +135,14 @@ class Sequential(Model):
         return _evaluate(self, data, engine=engine, batch_size=batch_size)
 
     def save(self, path):
-        """Write the model file (.safetensors: weights, description, meta); returns its path."""
+        """Write the model file (.safetensors: weights, description, meta), or a Keras 3
+        file for a .keras path; returns the path written."""
+        suffix = Path(path).suffix.lower()
+        if suffix == ".keras":
+            return interop.export_keras(self, path)
+        if suffix not in ("", ".safetensors"):
+            raise ModelError(f"{path}: cnnlab writes .safetensors model files (or .keras for "
+                             f"Keras 3), not {suffix}; `cnnlab export` writes ONNX")
         return fileformat.save(self, path)
 
 

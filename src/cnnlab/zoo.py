@@ -153,5 +153,7 @@ def load_any(arg) -> Sequential:
         return Sequential.from_json(path.read_text())
     if path.exists():
         return load(path)
+    if path.suffix.lower() in (".json", ".safetensors", ".keras", ".h5", ".hdf5"):
+        raise ModelFileError(f"{arg}: no such file")
     raise ModelFileError(f"{arg}: not a zoo model ({', '.join(MODELS)}), a .json description, "
                          f"a model file or a run directory")

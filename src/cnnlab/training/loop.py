@@ -73,6 +73,12 @@ def make_backend(model, cfg: TrainConfig, data: Prepared, loss_kind: str):
     """The engine's training backend, given the resolved loss and optimizer settings."""
     optim = (cfg.optimizer, cfg.lr, optimizer_options(cfg))
     if resolve_engine(cfg.engine) == "numpy":
+        if cfg.device not in ("auto", "cpu"):
+            raise TrainingError(f"the NumPy engine runs on the CPU; --device {cfg.device} "
+                                "needs the torch engine (--engine torch)")
+        if cfg.precision == "bf16":
+            raise TrainingError("the NumPy engine computes in float32; --precision bf16 "
+                                "needs the torch engine (--engine torch)")
         from ..engines.numpy.backend import NumpyBackend
         return NumpyBackend(model, cfg, data, loss_kind, optim)
     from ..engines.torch.backend import TorchBackend

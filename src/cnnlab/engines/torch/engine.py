@@ -419,10 +419,17 @@ def param_names(net: TorchNet) -> list[tuple[str, nn.Parameter]]:
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available here; use --device cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise ValueError(f"unknown device {device!r}; allowed: auto, cpu, cuda")
+    if device == "cpu":
+        return torch.device("cpu")
+    index = device[5:] if device.startswith("cuda:") else None
+    if device != "cuda" and not (index or "").isdigit():
+        raise ValueError(f"unknown device {device!r}; allowed: auto, cpu, cuda, cuda:N")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available here; "
+                         "use --device cpu")
+    if index is not None and int(index) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} "
+                         f"CUDA device(s): cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
     return torch.device(device)
 
 
