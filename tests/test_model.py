@@ -1,5 +1,6 @@
 """The model description: shapes, parameter counts, names, JSON, errors."""
 import json
+import re
 import math
 
 import numpy as np
@@ -103,10 +104,10 @@ def test_json_round_trip_is_exact():
 
 def test_json_errors_list_allowed_values():
     cfg = {"input_shape": [8, 8, 1], "layers": [{"type": "Conv3D", "config": {}}]}
-    with pytest.raises(ModelError, match="layer 1 unknown layer type 'Conv3D'; allowed: Input, Conv2D"):
+    with pytest.raises(ModelError, match=r"layer 1 unknown layer type 'Conv3D'; did you mean Conv2D\? \(allowed: Input, Conv2D"):
         Sequential.from_config(cfg)
     cfg = {"input_shape": [8, 8, 1], "layers": [{"type": "Conv2D", "config": {"filterz": 2}}]}
-    with pytest.raises(ModelError, match="unexpected keyword argument 'filterz'"):
+    with pytest.raises(ModelError, match="Conv2D: unknown argument 'filterz'; did you mean filters"):
         Sequential.from_config(cfg)
     with pytest.raises(ModelError, match="not valid JSON"):
         Sequential.from_json("{nope")
@@ -184,3 +185,38 @@ def test_save_refuses_foreign_extensions_and_writes_keras_files(tmp_path):
     x = np.random.default_rng(0).random((2, 28, 28, 1))
     np.testing.assert_allclose(again.predict(x, engine="numpy"), m.predict(x, engine="numpy"),
                                atol=1e-6)
+
+
+def test_json_descriptions_flat_nested_and_keras_shaped():
+    nested = {"input_shape": [28, 28, 1], "layers": [
+        {"type": "Conv2D", "name": "c", "config": {"filters": 4, "kernel_size": 3}},
+        {"type": "Flatten"}, {"type": "Dense", "config": {"units": 10, "activation": "softmax"}}]}
+    flat = {"input_shape": [28, 28, 1], "layers": [
+        {"type": "Conv2D", "name": "c", "filters": 4, "kernel_size": 3},
+        {"type": "Flatten"}, {"type": "Dense", "units": 10, "activation": "softmax"}]}
+    a, b = Sequential.from_config(nested), Sequential.from_config(flat)
+    assert a.get_config() == b.get_config() and a.count_params()[0] == 40 + 2704 * 10 + 10
+    for layer, message in [({"type": "Conv2D", "filters": 4, "kernel": 3},
+                            "Conv2D: unknown argument 'kernel'; did you mean kernel_size?"),
+                           ({"type": "Conv2D", "config": {"kernel_size": 3}},
+                            "Conv2D: missing required argument(s) 'filters'"),
+                           ({"type": "Dense2", "units": 3}, "did you mean Dense?"),
+                           ({"type": ["Dense"]}, "a layer 'type' is a name"),
+                           ({"type": "Dense", "units": "x" * 10_000}, "units")]:
+        with pytest.raises(ModelError, match=re.escape(message)) as e:
+            Sequential.from_config({"input_shape": [4], "layers": [layer]})
+        assert len(str(e.value)) < 400
+    m = Sequential.from_config({"input_shape": [4], "layers": [
+        {"type": "Activation", "config": {"activation": "relu", "name": "act"}}]})
+    assert m.layers[0].name == "act"
+
+
+def test_keras_get_config_builds_the_same_model():
+    keras = pytest.importorskip("keras")
+    k = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Conv2D(6, 3, activation="relu"),
+                          keras.layers.MaxPooling2D(), keras.layers.Flatten(),
+                          keras.layers.Dense(10, activation="softmax")])
+    m = Sequential.from_json(k.to_json())
+    assert m.count_params()[0] == k.count_params()
+    assert [lay.type for lay in m.layers] == ["Conv2D", "MaxPool2D", "Flatten", "Dense"]
+    assert Sequential.from_config(k.get_config()).get_config() == m.get_config()

@@ -52,6 +52,20 @@ class Sequential(Model):
         raise ModelError("the model has no layers yet: add an Input and a layer, "
                          "e.g. model.add(Input((28, 28, 1))); model.add(Flatten())")
 
+    @classmethod
+    def from_config(cls, config: dict, init: bool = True) -> "Sequential":
+        """A model from cnnlab's description ({"input_shape", "layers": [...]}, each layer
+        {"type", "name", "config"} or flat) or from Keras' `model.get_config()` /
+        `to_json()` ({"class_name": "Sequential", "config": {...}})."""
+        layers = config.get("layers") if isinstance(config, dict) else None
+        if isinstance(config, dict) and "class_name" not in config and isinstance(layers, list) \
+                and layers and isinstance(layers[0], dict) and "class_name" in layers[0]:
+            config = {"class_name": "Sequential", "config": config}   # Sequential.get_config()
+        if isinstance(config, dict) and "class_name" in config:
+            model, _ = interop.model_from_keras_config(config)
+            return model.copy(cls)
+        return super().from_config(config, init=init)
+
     @property
     def built(self) -> bool:
         return self._pending is None

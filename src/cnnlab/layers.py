@@ -12,6 +12,8 @@ Keras, and weights use Keras' layouts:
 """
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 
 ACTIVATIONS = ("linear", "relu", "leaky_relu", "elu", "gelu", "sigmoid", "tanh",
@@ -25,34 +27,34 @@ class ModelError(ValueError):
 
 def _pair(value, what):
     if isinstance(value, bool):
-        raise ModelError(f"{what} must be an int or a pair of ints, got {value!r}")
+        raise ModelError(f"{what} must be an int or a pair of ints, got {_short(value)}")
     if isinstance(value, int):
         return (value, value)
     if isinstance(value, (tuple, list)) and len(value) == 2 and all(
             isinstance(v, int) and not isinstance(v, bool) for v in value):
         return (int(value[0]), int(value[1]))
-    raise ModelError(f"{what} must be an int or a pair of ints, got {value!r}")
+    raise ModelError(f"{what} must be an int or a pair of ints, got {_short(value)}")
 
 
 def _check_activation(name):
     if name is None:
         return "linear"
     if name not in ACTIVATIONS:
-        raise ModelError(f"unknown activation {name!r}; allowed: {', '.join(ACTIVATIONS)}")
+        raise ModelError(f"unknown activation {_short(name)}; allowed: {', '.join(ACTIVATIONS)}")
     return name
 
 
 def _check_padding(padding, allowed=PADDINGS):
     if isinstance(padding, str):
         if padding not in allowed:
-            raise ModelError(f"unknown padding {padding!r}; allowed: {', '.join(allowed)}, "
+            raise ModelError(f"unknown padding {_short(padding)}; allowed: {', '.join(allowed)}, "
                              "an int or a pair (ph, pw)")
         return padding
     if "explicit" not in allowed:
-        raise ModelError(f"padding must be one of {', '.join(allowed)}, got {padding!r}")
+        raise ModelError(f"padding must be one of {', '.join(allowed)}, got {_short(padding)}")
     ph, pw = _pair(padding, "padding")
     if ph < 0 or pw < 0:
-        raise ModelError(f"padding must be >= 0, got {padding!r}")
+        raise ModelError(f"padding must be >= 0, got {_short(padding)}")
     return ph if ph == pw else [ph, pw]
 
 
@@ -92,7 +94,7 @@ class Layer:
         if name is not None and (not isinstance(name, str) or not name
                                  or any(c in name for c in " ./")):
             raise ModelError(f"layer name must be a non-empty string without spaces, "
-                             f"dots or slashes, got {name!r}")
+                             f"dots or slashes, got {_short(name)}")
         self.name = name
 
     # configuration --------------------------------------------------------
@@ -134,7 +136,7 @@ class Input(Layer):
         super().__init__(name)
         if not (isinstance(shape, (tuple, list)) and len(shape) in (1, 3)
                 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)):
-            raise ModelError(f"Input shape must be (H, W, C) of positive ints, got {shape!r}")
+            raise ModelError(f"Input shape must be (H, W, C) of positive ints, got {_short(shape)}")
         self.shape = tuple(shape)
 
     def get_config(self):
@@ -158,13 +160,13 @@ class Conv2D(Layer):
                  use_bias=True, name=None):
         super().__init__(name)
         if not isinstance(filters, int) or isinstance(filters, bool) or filters < 1:
-            raise ModelError(f"Conv2D filters must be a positive int, got {filters!r}")
+            raise ModelError(f"Conv2D filters must be a positive int, got {_short(filters)}")
         self.filters = filters
         self.kernel_size = _pair(kernel_size, "kernel_size")
         self.strides = _pair(strides, "strides")
         if min(self.kernel_size) < 1 or min(self.strides) < 1:
             raise ModelError(f"Conv2D kernel_size and strides must be >= 1, "
-                             f"got {kernel_size!r}, {strides!r}")
+                             f"got {_short(kernel_size)}, {_short(strides)}")
         self.padding = _check_padding(padding, PADDINGS + ("explicit",))
         self.activation = _check_activation(activation)
         self.use_bias = bool(use_bias)
@@ -279,7 +281,7 @@ class Dense(Layer):
     def __init__(self, units, activation=None, use_bias=True, name=None):
         super().__init__(name)
         if not isinstance(units, int) or isinstance(units, bool) or units < 1:
-            raise ModelError(f"Dense units must be a positive int, got {units!r}")
+            raise ModelError(f"Dense units must be a positive int, got {_short(units)}")
         self.units = units
         self.activation = _check_activation(activation)
         self.use_bias = bool(use_bias)
@@ -310,7 +312,7 @@ class Dropout(Layer):
     def __init__(self, rate, name=None):
         super().__init__(name)
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
-            raise ModelError(f"Dropout rate must be in [0, 1), got {rate!r}")
+            raise ModelError(f"Dropout rate must be in [0, 1), got {_short(rate)}")
         self.rate = float(rate)
 
     def get_config(self):
@@ -336,9 +338,9 @@ class BatchNorm(Layer):
         super().__init__(name)
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) \
                 or not 0 <= momentum < 1:
-            raise ModelError(f"BatchNorm momentum must be in [0, 1), got {momentum!r}")
+            raise ModelError(f"BatchNorm momentum must be in [0, 1), got {_short(momentum)}")
         if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or epsilon <= 0:
-            raise ModelError(f"BatchNorm epsilon must be > 0, got {epsilon!r}")
+            raise ModelError(f"BatchNorm epsilon must be > 0, got {_short(epsilon)}")
         self.momentum = float(momentum)
         self.epsilon = float(epsilon)
 
@@ -378,20 +380,53 @@ GlobalAveragePooling2D, GlobalMaxPooling2D = GlobalAvgPool2D, GlobalMaxPool2D
 
 
 def from_config(item: dict) -> Layer:
-    """{"type": "Conv2D", "name": ..., "config": {...}} -> a Layer."""
+    """A layer from its description, in either shape:
+    {"type": "Conv2D", "name": ..., "config": {"filters": 8, ...}} (what to_config writes) or
+    flat, {"type": "Conv2D", "filters": 8, "kernel_size": 3, ...}. Keras' class names are
+    accepted. Unknown or missing arguments raise ModelError naming them."""
     if not isinstance(item, dict) or "type" not in item:
-        raise ModelError(f"each layer must be an object with a 'type', got {item!r}")
-    kind = ALIASES.get(item["type"], item["type"])
+        raise ModelError(f"each layer must be an object with a 'type', got {_short(item)}")
+    kind = item["type"]
+    if not isinstance(kind, str):
+        raise ModelError(f"a layer 'type' is a name such as 'Conv2D', got {_short(kind)}")
+    kind = ALIASES.get(kind, kind)
     if kind not in LAYER_TYPES:
-        raise ModelError(f"unknown layer type {item['type']!r}; allowed: "
-                         f"{', '.join(LAYER_TYPES)}")
-    config = item.get("config", {})
-    if not isinstance(config, dict):
-        raise ModelError(f"{kind}: 'config' must be an object, got {config!r}")
-    try:
-        return LAYER_TYPES[kind](**config, name=item.get("name"))
-    except TypeError as e:
-        raise ModelError(f"{kind}: {e}".replace("__init__() ", "")) from None
+        close = difflib.get_close_matches(kind, list(LAYER_TYPES) + list(ALIASES), n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise ModelError(f"unknown layer type {_short(item['type'])}{hint} (allowed: "
+                         f"{', '.join(LAYER_TYPES)})")
+    if "config" in item:
+        config = item["config"]
+        if not isinstance(config, dict):
+            raise ModelError(f"{kind}: 'config' must be an object, got {_short(config)}")
+        extra = sorted(set(item) - {"type", "name", "config"})
+        if extra:
+            raise ModelError(f"{kind}: {', '.join(map(repr, extra))} belong(s) inside 'config' "
+                             "(or write the layer flat, without 'config')")
+    else:
+        config = {k: v for k, v in item.items() if k not in ("type", "name")}
+    config = dict(config)
+    name = item.get("name", config.pop("name", None))
+    cls = LAYER_TYPES[kind]
+    params = inspect.signature(cls.__init__).parameters
+    allowed = [p for p in params if p not in ("self", "name")]
+    unknown = [k for k in config if k not in allowed]
+    if unknown:
+        k = unknown[0]
+        close = difflib.get_close_matches(str(k), allowed, n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]}?" if close else f" (allowed: {', '.join(allowed)})"
+        raise ModelError(f"{kind}: unknown argument {_short(k)}{hint}")
+    missing = [p for p in allowed if params[p].default is inspect.Parameter.empty
+               and p not in config]
+    if missing:
+        raise ModelError(f"{kind}: missing required argument(s) {', '.join(map(repr, missing))}")
+    return cls(**config, name=name)
+
+
+def _short(value, limit=80) -> str:
+    """repr(value), cut to `limit` characters for error messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def to_config(layer: Layer) -> dict:

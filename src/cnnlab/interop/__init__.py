@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from .errors import LEAKY_SLOPE, InteropError
 from .keras_export import export_keras
-from .keras_import import import_keras
+from .keras_import import import_keras, model_from_keras_config
 from .onnx_export import export_onnx
 
 __all__ = ["LEAKY_SLOPE", "InteropError", "export_keras", "export_onnx", "import_keras",
-           "load_keras"]
+           "load_keras", "model_from_keras_config"]
 
 
 def load_keras(path):

@@ -477,7 +477,8 @@ def _read_array(ds, key, shape, what):
     return arr
 
 
-def _build(config, h5, what, metadata=None, classes=None):
+def _architecture(config, what, init):
+    """(Model, converter, all layer entries) from a Keras model config."""
     name, all_entries, entries = _layer_entries(config, what)
     conv = _Converter(entries, what)
     conv.run()
@@ -485,9 +486,23 @@ def _build(config, h5, what, metadata=None, classes=None):
         raise InteropError(f"{conv.pending_pad}: ZeroPadding2D at the end of the model")
     try:
         model = Model(conv.layers, name=re.sub(r"[^A-Za-z0-9_\-]", "_", str(name)) or
-                           "sequential", input_shape=conv.input_shape, init=False)
+                      "sequential", input_shape=conv.input_shape, init=init)
     except ModelError as e:
         raise InteropError(f"{what}: {e}") from None
+    return model, conv, all_entries
+
+
+def model_from_keras_config(config, what="the Keras model config"):
+    """(Model with fresh weights, notes) from a Keras `get_config()` / `to_json()` dict;
+    a first Rescaling becomes the model's preprocessing."""
+    model, conv, _ = _architecture(config, what, init=True)
+    if conv.preprocessing is not None:
+        model.meta["preprocessing"] = conv.preprocessing
+    return model, conv.notes
+
+
+def _build(config, h5, what, metadata=None, classes=None):
+    model, conv, all_entries = _architecture(config, what, init=False)
     total = model.count_params()[0]
     if total > MAX_PARAMS:
         raise InteropError(f"{what}: the architecture has {total:,} parameters (limit "
