@@ -170,3 +170,33 @@ def test_predict_reads_canvas_exports_like_drawn_digits(run_dir, tmp_path):
     assert np.mean(np.array(labels) == ds.y_test[:10]) >= 0.8
     plain = json.loads(cnnlab("predict", run_dir, *paths, "--json", "--mode", "resize").stdout)
     assert len({p["top"][0]["label"] for p in plain["predictions"]}) <= 2   # all black: one guess
+
+
+def test_tables_fit_an_80_column_terminal_without_cutting_words(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    for cmd in ("zoo", "datasets"):
+        r = cnnlab(cmd)
+        assert r.returncode == 0, r.stderr
+        assert max(len(line) for line in r.stdout.splitlines()) <= 80, cmd
+    words = set(cnnlab("zoo").stdout.split())
+    assert {"notebook", "augmentation", "convolutions"} <= words
+
+
+def test_confusion_table_keeps_whole_class_names(tmp_path):
+    root = tmp_path / "shapes"
+    rng = np.random.default_rng(0)
+    for label in ("circle", "square", "triangle"):
+        (root / label).mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(
+                root / label / f"{i}.png")
+    model = tmp_path / "m.json"
+    model.write_text(json.dumps({"input_shape": [8, 8, 1], "layers": [
+        {"type": "Flatten"}, {"type": "Dense", "units": 3, "activation": "softmax"}]}))
+    out = tmp_path / "run"
+    r = cnnlab("train", model, "--data", root, "--epochs", 1, "--val-split", 0.25, "--out", out,
+               "--quiet")
+    assert r.returncode == 0, r.stderr
+    r = cnnlab("evaluate", out, "--data", root)
+    assert r.returncode == 0, r.stderr
+    assert "triangle" in r.stdout.split("Confusion matrix")[1]

@@ -256,9 +256,13 @@ def cmd_evaluate(args):
     rows = [(r["class"], f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}",
              r["support"]) for r in res["per_class"]]
     print(table(["class", "precision", "recall", "f1", "support"], rows))
-    names = [n[:6] for n in res["class_names"]]
-    cm_rows = [[names[i]] + row for i, row in enumerate(res["confusion_matrix"])]
-    print(table(["true \\ pred"] + names, cm_rows, title="Confusion matrix (rows: true class)"))
+    names = res["class_names"]
+    if len(names) <= 20:
+        cm_rows = [[names[i]] + row for i, row in enumerate(res["confusion_matrix"])]
+        print(table(["true \\ pred"] + names, cm_rows,
+                    title="Confusion matrix (rows: true class)"))
+    else:
+        print(f"Confusion matrix: {len(names)} classes; see --json or 'cnnlab report'")
     if res["most_confused"]:
         print("Most confused: " + ", ".join(f"{a} -> {b} ({n})"
                                             for a, b, n in res["most_confused"]))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 import sys
 import time
 
@@ -22,14 +23,22 @@ def render(renderable, width=88) -> str:
     return "\n".join(line.rstrip() for line in buf.getvalue().strip("\n").splitlines())
 
 
-def table(columns, rows, title=None, justify=None) -> str:
-    """A plain text table (used by summary, evaluate and datasets)."""
+def terminal_width() -> int:
+    """The terminal's columns ($COLUMNS first); 400 when output goes to a file or pipe, so
+    tables there keep one line per row."""
+    return shutil.get_terminal_size((400, 24)).columns
+
+
+def table(columns, rows, title=None, justify=None, width=None) -> str:
+    """A plain text table (used by summary, evaluate and datasets), as wide as its content
+    up to the terminal's width; longer cells wrap between words inside their column."""
     t = Table(title=title, box=box.SIMPLE_HEAVY, title_justify="left")
     for i, col in enumerate(columns):
-        t.add_column(col, justify=(justify or {}).get(i, "left" if i == 0 else "right"))
+        t.add_column(col, justify=(justify or {}).get(i, "left" if i == 0 else "right"),
+                     overflow="fold")
     for row in rows:
         t.add_row(*[str(c) for c in row])
-    return render(t, width=400)  # tables size to their content; nothing wraps
+    return render(t, width=width or terminal_width())
 
 
 def summary_table(summary: dict, width: int = 88) -> str:
