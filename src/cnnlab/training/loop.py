@@ -89,7 +89,7 @@ class Trainer:
     """Runs epochs of backend steps; its state (epoch, step, partial tally, history,
     schedule and early-stopping state) is what a checkpoint holds besides the backend's."""
 
-    def __init__(self, model, cfg: TrainConfig, data: Prepared, backend=None):
+    def __init__(self, model, cfg: TrainConfig, data: Prepared, backend=None, callbacks=()):
         self.model, self.cfg, self.data = model, cfg, data
         try:
             self.loss_kind = resolve_loss(cfg.loss, model)
@@ -111,6 +111,12 @@ class Trainer:
         self.stopped_early = False
         self.on_epoch_end = lambda trainer: None     # the run writes its files here
         self.on_interrupt = lambda trainer: None
+        self.lr_scale, self.lr_override = 1.0, None  # set by callbacks (ReduceLROnPlateau, ...)
+        self.callbacks = list(callbacks)
+        for cb in self.callbacks:
+            if not hasattr(cb, "set_trainer"):
+                raise TrainingError(f"callbacks are cnnlab.callbacks objects, got {cb!r}")
+            cb.set_trainer(self)
 
     @property
     def total_steps(self) -> int:
@@ -125,13 +131,14 @@ class Trainer:
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "partial": self.partial.to_json(), "history": self.history,
                 "plateau": self.plateau, "stopper": self.stopper,
-                "stopped_early": self.stopped_early}
+                "stopped_early": self.stopped_early, "lr_scale": self.lr_scale}
 
     def load_state_json(self, st: dict):
         self.epoch, self.step_in_epoch = st["epoch"], st["step_in_epoch"]
         self.partial, self.history = Tally.from_json(st["partial"]), st["history"]
         self.plateau, self.stopper = st["plateau"], st["stopper"]
         self.stopped_early = st.get("stopped_early", False)
+        self.lr_scale = st.get("lr_scale", 1.0)
 
     def logs(self, tally: Tally) -> dict:
         return tally.logs(self.model.num_classes > 5)
@@ -140,6 +147,9 @@ class Trainer:
     def run(self) -> list[dict]:
         """Train to cfg.epochs (or an early stop); leaves the weights in the model."""
         progress = EpochProgress(self.cfg.epochs, self.steps, self.cfg.verbose)
+        self.model.stop_training = False
+        for cb in self.callbacks:
+            cb.on_train_begin()
         with StopRequest() as stop:
             try:
                 self._epochs(progress, stop)
@@ -151,6 +161,8 @@ class Trainer:
             except KeyboardInterrupt:
                 progress.close()
                 raise
+        for cb in self.callbacks:
+            cb.on_train_end(self.history[-1] if self.history else {})
         es = self.cfg.early_stopping or {}
         if self.best_weights is not None and es.get("restore_best_weights"):
             self.backend.set_weights(self.best_weights)
@@ -165,6 +177,9 @@ class Trainer:
             if self.step_in_epoch == 0:
                 self.partial = Tally()
                 be.seed_epoch(step_seed(cfg.seed, epoch, -2))
+                self.lr_override = None
+                for cb in self.callbacks:
+                    cb.on_epoch_begin(epoch)
             t0 = time.perf_counter()
             progress.start_epoch(epoch, self.step_in_epoch)
             while self.step_in_epoch < self.steps:
@@ -172,7 +187,8 @@ class Trainer:
                     raise Stop
                 s = self.step_in_epoch
                 idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-                be.set_lr(scheduled_lr(cfg, epoch * self.steps + s, self.total_steps, epoch,
+                be.set_lr(self.lr_override if self.lr_override is not None else self.lr_scale *
+                          scheduled_lr(cfg, epoch * self.steps + s, self.total_steps, epoch,
                                        self.plateau["factor"]))
                 be.train_step(idx, step_seed(cfg.seed, epoch, s))
                 self.step_in_epoch = s + 1
@@ -189,6 +205,10 @@ class Trainer:
             self.history.append({"epoch": epoch + 1, **logs})
             self.epoch, self.step_in_epoch = epoch + 1, 0
             self._after_epoch(logs)
+            for cb in self.callbacks:
+                cb.on_epoch_end(epoch, dict(logs))
+            if getattr(self.model, "stop_training", False):
+                self.stopped_early = True
             self.on_epoch_end(self)
 
     def _after_epoch(self, logs):

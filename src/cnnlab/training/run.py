@@ -187,13 +187,14 @@ def default_run_dir(cfg: TrainConfig, model_name: str) -> Path:
 
 
 def fit(model, data="mnist-5k", /, *, resume: str | os.PathLike | None = None,
-        validation_data=None, **options):
+        validation_data=None, callbacks=(), **options):
     """Train `model` in place on `data`; returns a History (Keras' `.history` dict of lists,
     and the list of per-epoch dicts).
 
     data: a dataset name, a folder, a Dataset, or an (x, y) pair of arrays. Options are
     the fields of TrainConfig. A new model starts from weights seeded by `seed`; a trained
-    one continues from its weights. validation_data: an (x, y) pair to validate on.
+    one continues from its weights. validation_data: an (x, y) pair to validate on;
+    callbacks: `cnnlab.callbacks` objects (Keras' EarlyStopping, ModelCheckpoint, ...).
     """
     if resume is not None:
         return resume_run(resume, model=model)
@@ -205,7 +206,7 @@ def fit(model, data="mnist-5k", /, *, resume: str | os.PathLike | None = None,
     model.meta.update({"class_names": prepared.class_names,
                        "preprocessing": prepared.preprocessing})
     run_dir = Path(cfg.out) if cfg.out else None
-    trainer = Trainer(model, cfg, prepared)   # checks everything before writing
+    trainer = Trainer(model, cfg, prepared, callbacks=callbacks)  # checks all before writing
     run = Run(trainer, run_dir)
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
