@@ -68,13 +68,16 @@ def training_curves(history):
             ax.legend()
     if "val_accuracy" in h and np.isfinite(h["val_accuracy"]).any():
         best = int(np.nanargmax(h["val_accuracy"]))
+        right = best >= n / 2   # the label goes inward, never over the axis edge
         axes[1].annotate(f"best {h['val_accuracy'][best]:.4f}\n(epoch {int(epochs[best])})",
-                         (epochs[best], h["val_accuracy"][best]), xytext=(0, -36),
-                         textcoords="offset points", ha="center", fontsize=9,
+                         (epochs[best], h["val_accuracy"][best]),
+                         xytext=(-12 if right else 12, -40), textcoords="offset points",
+                         ha="right" if right else "left", fontsize=9,
                          arrowprops={"arrowstyle": "->", "color": "gray"})
-    if "epoch" in h:
-        for ax in axes:
-            ax.xaxis.get_major_locator().set_params(integer=True)
+    for ax in axes:
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        if n == 1:   # one epoch: one tick, not 0.96 ... 1.04
+            ax.set_xticks([float(epochs[0])])
     fig.suptitle("Training curves", fontweight="bold")
     return h, fig
 
@@ -131,27 +134,31 @@ def per_class_metrics(y_true, y_pred, class_names) -> list[dict]:
 
 
 def per_class_figure(y_true, y_pred, class_names):
-    """Grouped bars of precision, recall and one-vs-rest accuracy per class -> (rows, fig)."""
+    """Precision, recall and one-vs-rest accuracy per class, as dots on a common scale ->
+    (rows, fig). Dots, not bars: the axis can then zoom on the range the values span
+    without bars whose lengths would mislead."""
     rows = per_class_metrics(y_true, y_pred, class_names)
     k = len(rows)
-    fig = new_figure(max(7.0, 1.5 + 0.6 * k), 4.2)
+    fig = new_figure(max(7.0, 1.5 + 0.6 * k), 4.4)
     ax = fig.subplots()
     x = np.arange(k)
-    width = 0.27
     low = 1.0
-    for m, (key, color) in enumerate((("precision", "#0969da"), ("recall", "#bf8700"),
-                                      ("accuracy", "#1a7f37"))):
+    for m, (key, color, marker) in enumerate((("precision", "#0969da", "o"),
+                                              ("recall", "#bf8700", "s"),
+                                              ("accuracy", "#1a7f37", "D"))):
         vals = np.array([r[key] for r in rows])
         low = min(low, vals.min())
-        ax.bar(x + (m - 1) * width, vals, width, label=key, color=color)
-    ax.set_ylim(max(0.0, math.floor((low - 0.02) * 20) / 20), 1.0)
+        ax.plot(x + (m - 1) * 0.18, vals, marker, color=color, label=key, ms=7)
+    ax.vlines(x, 0, 1, color="#d0d7de", lw=0.8, zorder=0)
+    ax.set_ylim(max(0.0, low - 0.1 * (1.0 - low) - 0.005), 1.0 + 0.05 * (1.0 - low) + 0.002)
+    ax.set_xlim(-0.6, k - 0.4)
     names = [r["class"] for r in rows]
     long = max(map(len, names)) > 3
     ax.set_xticks(x, names, rotation=30 if long else 0, ha="right" if long else "center")
     ax.set_xlabel("class")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(ncols=3, loc="lower right", framealpha=0.9)
-    ax.set_title("Per-class precision, recall and accuracy (one class against the rest)",
+    ax.legend(ncols=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    fig.suptitle("Per-class precision, recall and accuracy (one class against the rest)",
                  fontweight="bold")
     return rows, fig
 

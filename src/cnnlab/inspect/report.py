@@ -18,10 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from .. import metrics
+from ..engines.base import evaluate_logits, probabilities
+from ..losses import loss_of, resolve_loss
 from ..api import load as load_model
 from . import attribution, figures, maximize
 from ._common import (as_batch, class_names, conv_layers, engine_for, layer_label, logits_layer,
-                      predict)
+                      predict, to_input)
 
 
 # inputs ------------------------------------------------------------------------------------
@@ -206,9 +208,11 @@ def write_report(model, data=None, out=None, *, history=None, images=16, engine=
     page = Page(out)
 
     step(f"predicting {len(x):,} test images ({eng.name} engine)")
-    probs = predict(eng, model, x)
+    logits = np.concatenate([eng.forward(to_input(model, x[i:i + 4096]))
+                             for i in range(0, len(x), 4096)])
+    probs = probabilities(model, logits)
     pred = probs.argmax(1)
-    _summary(page, model, path, data_name, x, y, probs, eng.name)
+    _summary(page, model, path, data_name, logits, y, eng.name)
     if history is not None:
         step("training curves")
         page.section("training", "Training curves")
@@ -238,9 +242,32 @@ def write_report(model, data=None, out=None, *, history=None, images=16, engine=
     return index
 
 
-def _summary(page, model, path, data_name, x, y, probs, engine):
-    acc = float((probs.argmax(1) == y).mean())
-    loss = metrics.cross_entropy(probs, y)
+TRAINING_ROWS = {"dataset": "trained on", "epochs": "epochs", "engine": "trained with",
+                 "train_images": "training images", "test_accuracy": "test accuracy then",
+                 "date": "date", "interrupted": "interrupted"}
+
+
+def _training_rows(training: dict) -> list:
+    rows = []
+    for key, label in TRAINING_ROWS.items():
+        v = training.get(key)
+        if v is None or key == "interrupted" and not v:
+            continue
+        if key == "date":
+            v = str(v).replace("T", " ")
+        elif isinstance(v, float):
+            v = f"{v:.4f}"
+        elif isinstance(v, int) and not isinstance(v, bool):
+            v = f"{v:,}"
+        rows.append((label, v))
+    return rows
+
+
+def _summary(page, model, path, data_name, logits, y, engine):
+    loss_name = loss_of(model)
+    res = evaluate_logits(model, lambda z: z, logits, y, resolve_loss(loss_name, model),
+                          max(len(y), 1))
+    acc, loss = res["accuracy"], res["loss"]
     training = model.meta.get("training") or {}
     total, trainable, _ = model.count_params()
     page.section("summary", "Summary")
@@ -248,9 +275,9 @@ def _summary(page, model, path, data_name, x, y, probs, engine):
             ("parameters", f"{total:,} ({trainable:,} trainable)"),
             ("input", "x".join(map(str, model.input_shape))),
             ("test data", f"{data_name}: {len(y):,} images"),
-            ("test accuracy", f"{acc:.4f}"), ("test loss (cross-entropy)", f"{loss:.4f}"),
+            ("test accuracy", f"{acc:.4f}"), (f"test loss ({loss_name})", f"{loss:.4f}"),
             ("engine", engine)]
-    rows += [(f"training: {k}", v) for k, v in training.items()]
+    rows += _training_rows(training)
     page.add(table(None, rows))
     page.add(table(["layer", "type", "output shape", "params"],
                    [(r["name"], r["type"], "x".join(map(str, r["output_shape"][1:])),
