@@ -21,7 +21,7 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
 
 if not Path(CHROMIUM).exists():
     pytest.skip(f"{CHROMIUM} is absent (apt-get install chromium)", allow_module_level=True)
-pytest.importorskip("flask")
+pytest.importorskip("waitress")
 sync_api = pytest.importorskip("playwright.sync_api")
 
 from test_serve_api import save_model, serve  # noqa: E402
