@@ -135,7 +135,7 @@ def run(args) -> int:
     import logging
 
     from .app import create_app
-    from .server import Server
+    from .server import Server, fixed_mmap_threshold
     if not 0 <= args.port <= 65535:
         print(f"error: --port {args.port}: must be between 0 and 65535", file=sys.stderr)
         return 2
@@ -147,6 +147,7 @@ def run(args) -> int:
             return 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s")
+    fixed_mmap_threshold()
     app = create_app(args.model, engine=args.engine, access_log=args.verbose)
     try:
         sock = listen(args.host, args.port)

