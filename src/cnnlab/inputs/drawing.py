@@ -47,7 +47,7 @@ import warnings
 from contextlib import nullcontext
 
 import numpy as np
-from PIL import Image, ImageFilter, ImageOps, ImageStat, UnidentifiedImageError
+from PIL import Image, ImageOps, ImageStat, UnidentifiedImageError
 
 MAX_PIXELS = 8_388_608        # 2^23 pixels: a 4K screenshot; larger images are refused unread
 MAX_JPEG_PIXELS = 50_000_000  # a 50 MP phone photo (JPEG decodes at 1/8 of its size)
@@ -192,11 +192,19 @@ def _border(a: np.ndarray) -> np.ndarray:
         else a.ravel()
 
 
-def _filter(a: np.ndarray, *filters) -> np.ndarray:
-    img = Image.fromarray(np.ascontiguousarray(a, np.float32), mode="F")
-    for f in filters:
-        img = img.filter(f)
-    return np.asarray(img, dtype=np.float32)
+def _rank(a: np.ndarray, k: int, op) -> np.ndarray:
+    """Max (op=np.max) or min filter over a k x k window (k odd), edges repeated;
+    separable: rows, then columns."""
+    r = k // 2
+    for axis in (0, 1):
+        pad = [(r, r) if i == axis else (0, 0) for i in range(2)]
+        win = np.lib.stride_tricks.sliding_window_view(np.pad(a, pad, mode="edge"), k, axis)
+        a = op(win, axis=-1)
+    return a
+
+
+def _closing(a: np.ndarray, k: int) -> np.ndarray:
+    return _rank(_rank(a, k, np.max), k, np.min)
 
 
 def _box_blur(a: np.ndarray, r: int) -> np.ndarray:
@@ -206,10 +214,10 @@ def _box_blur(a: np.ndarray, r: int) -> np.ndarray:
     k = 2 * r + 1
     for axis in (0, 1):
         pad = [(r, r) if i == axis else (0, 0) for i in range(2)]
-        c = np.cumsum(np.pad(a, pad, mode="edge"), axis=axis, dtype=np.float64)
-        c = np.concatenate([np.zeros_like(c.take([0], axis=axis)), c], axis=axis)
-        n = a.shape[axis]
-        a = ((c.take(range(k, k + n), axis=axis) - c.take(range(n), axis=axis)) / k)
+        c = np.moveaxis(np.cumsum(np.pad(a, pad, mode="edge"), axis=axis,
+                                  dtype=np.float64), axis, 0)
+        c = np.concatenate([np.zeros_like(c[:1]), c])  # c[j]: the sum of the first j
+        a = np.moveaxis((c[k:] - c[:-k]) / k, 0, axis)
     return a.astype(np.float32)
 
 
@@ -225,8 +233,7 @@ def paper_light(grey: np.ndarray):
     h, w = grey.shape
     small = _coarse(grey)
     k = _window(small.shape)
-    light = _box_blur(_filter(small, ImageFilter.MaxFilter(k), ImageFilter.MinFilter(k)),
-                      k // 4)
+    light = _box_blur(_closing(small, k), k // 4)
     if float(light.max() - light.min()) < BG_FLAT:
         return None
     # the closing overshoots in the bend of a shadow's edge: the mean of the paper
