@@ -208,8 +208,8 @@ def assert_cleared(page, panel):
     assert page.inner_text("#top-label").strip() == "–"
     assert page.inner_text("#top-prob").strip() == panel
     assert page.locator(".bar-row.best").count() == 0
-    widths = page.eval_on_selector_all(".bar-fill", "es => es.map(e => e.getBoundingClientRect().width)")
-    assert widths and max(widths) == 0
+    widths = page.eval_on_selector_all(".bar-fill", "es => es.map(e => e.style.width)")
+    assert widths and set(widths) == {"0px"}  # set at once; drawn after the CSS transition
     assert all(t == "" for t in page.eval_on_selector_all(".bar-value", "es => es.map(e => e.textContent)"))
     assert not page.locator("#input-img").is_visible()
     assert page.locator(".map").count() == 0 and page.locator(".layer").count() == 0

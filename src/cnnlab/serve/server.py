@@ -200,6 +200,8 @@ class Channel(HTTPChannel):
             self.outbufs[-1].append(data)
             self.current_outbuf_count += len(data)
             self.total_outbufs_len += len(data)
+        if self.request is not None:
+            self.request.close()  # a body buffered so far (maybe a temporary file)
         self.request = None
         self.started = self._receiving = None
         self.will_close = True
