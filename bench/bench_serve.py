@@ -292,6 +292,7 @@ def main(argv=None):
         proc = start_server(model, args.engine, port, args.timeout, args.threads)
         try:
             start_rss = peak_rss_mib(proc.pid)
+            load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
             run_level(port, 1, min(2.0, args.seconds), payload)  # warm-up
             rows = []
             for c in levels:
@@ -314,6 +315,7 @@ def main(argv=None):
             mem = memory(port)
             alive = run_level(port, 1, 1.0, payload)[2] == 0
             peak = peak_rss_mib(proc.pid)
+            load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
             print(f"memory: 16 large PNGs answered {mem['codes']}; peak RSS {start_rss:.0f} MiB "
                   f"at start, {load_rss:.0f} MiB after the load levels, {peak:.0f} MiB at the "
                   f"end; server alive after: {alive}", flush=True)
@@ -351,7 +353,9 @@ def main(argv=None):
                   for r in rows + [dict(lv, clients="8, under attack")]]
         name = Path(args.model).name if args.model else "lenet (mnist-5k, 3 epochs)"
         body = (f"CPU flags: {cpu_flags()}. The machine was shared with other work while "
-                "measured: the figures are noisy.\n\n"
+                f"measured (1-minute load average {load_before:.1f} at the start, "
+                f"{load_after:.1f} at the end, this benchmark included): the figures are "
+                "noisy.\n\n"
                 f"`POST /api/predict` with a 280x280 canvas drawing (JSON data URL, "
                 f"{len(payload):,} bytes), model {name}, {args.engine} engine, waitress "
                 f"({args.threads} threads, --timeout {args.timeout:g}) on 127.0.0.1; clients "
