@@ -204,6 +204,59 @@ def test_huge_dimensions_are_refused_before_decoding():
         drawing.open_image(bomb_png())
     with pytest.raises(ImageInputError, match="too large"):
         drawing.open_image(png(Image.new("L", (300, 300))), max_pixels=10_000)
+    side = int(drawing.MAX_PIXELS ** 0.5) + 1  # just over the limit for a PNG
+    with pytest.raises(ImageInputError, match=r"too large \(2897x2897; at most 8\.4 megap"):
+        drawing.open_image(bomb_png(side, side))
+
+
+class Gate:
+    """A stand-in for the decode semaphore that counts its uses."""
+    def __init__(self):
+        self.entered = 0
+
+    def __enter__(self):
+        self.entered += 1
+
+    def __exit__(self, *exc):
+        return False
+
+
+def jpeg(img, quality=90) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def test_large_images_are_shrunk_on_decode_inside_the_gate():
+    # a 24 MP JPEG is over the PNG limit but decodes at 1/4 scale (draft), then halves
+    big = Image.new("L", (6000, 4000), 230)
+    ImageDraw.Draw(big).line([(3000, 800), (3000, 3200)], fill=20, width=300)
+    gate = Gate()
+    img = drawing.open_image(jpeg(big), gate=gate)
+    assert gate.entered == 1 and img.size == (750, 500)
+    ref = drawing.mnist_like(grey(canvas([[(140, 40), (140, 240)]], width=35,
+                                          bg=(230, 230, 230, 255))))
+    assert near(drawing.mnist_like(grey(img)), ref, tol=12)
+    # a 2.9 MP PNG is decoded whole, then box-reduced by 3
+    img = drawing.open_image(png(Image.new("RGB", (2400, 1200), (9, 9, 9))), gate=gate)
+    assert gate.entered == 2 and img.size == (800, 400) and img.getpixel((5, 5)) == (9, 9, 9)
+    # a small image does not wait for the gate and keeps its size
+    img = drawing.open_image(png(canvas(seven())), gate=gate)
+    assert gate.entered == 2 and img.size == (SIZE, SIZE)
+    # palettes and 16-bit grey are shrunk too
+    p = Image.new("RGB", (2100, 30), (200, 10, 10)).convert("P")
+    pal = drawing.open_image(png(p))
+    assert pal.size == (700, 10)
+    # box averages of the dithered palette colours come back near the original colour
+    assert np.abs(np.subtract(pal.convert("RGB").getpixel((1, 1)), (200, 10, 10))).max() <= 4
+    deep = Image.fromarray(np.full((30, 2100), 65535, np.uint16))
+    assert drawing.to_grey(drawing.open_image(png(deep))).min() == 255
+
+
+def test_a_file_that_is_no_image_says_which_formats_work():
+    with pytest.raises(ImageInputError) as e:
+        drawing.open_image(b"just some text\n")
+    assert str(e.value) == "this file is not an image we can read: PNG, JPEG, GIF, BMP, WebP"
 
 
 @pytest.mark.parametrize("data", [b"", b"hello world", png(Image.new("L", (64, 64), 9))[:60],
@@ -239,6 +292,55 @@ def test_png_data_url_roundtrip():
     url = drawing.png_data_url(a)
     back = np.asarray(Image.open(io.BytesIO(drawing.decode_data_url(url))))
     np.testing.assert_array_equal(back, a[..., 0])
+
+
+# photos in uneven light -------------------------------------------------------------------------
+def photo(digit, rng, shadow=True, size=320):
+    """A JPEG photo of an MNIST digit written in dark ink on light paper; with `shadow`,
+    a smooth shadow (45-65% less light) over a corner, its edge across the page."""
+    side = int(rng.integers(120, 180))
+    d = np.asarray(Image.fromarray(digit).resize((side, side), Image.Resampling.BICUBIC),
+                   np.float32) / 255
+    a = np.zeros((size, size), np.float32)
+    oy, ox = rng.integers(40, size - side - 40, 2)
+    a[oy:oy + side, ox:ox + side] = np.clip(d, 0, 1)
+    paper, ink = rng.uniform(0.78, 0.92), rng.uniform(0.12, 0.25)
+    ys, xs = np.mgrid[0:size, 0:size] / size
+    corner = rng.integers(0, 4)
+    u, v = (xs if corner % 2 else 1 - xs), (ys if corner // 2 else 1 - ys)
+    edge, depth, soft = rng.uniform(0.6, 0.9), rng.uniform(0.45, 0.65), rng.uniform(0.05, 0.12)
+    light = 1 - depth / (1 + np.exp(-((u + v) - edge) / soft)) if shadow else 1.0
+    img = 255 * (paper - (paper - ink) * a) * light * rng.uniform(0.9, 1.05) \
+        + rng.normal(0, 3, a.shape)
+    return jpeg(Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)), quality=85)
+
+
+def photos(digits, shadow, seed=1):
+    rng = np.random.default_rng(seed)
+    return [photo(d, rng, shadow) for d in digits]
+
+
+def test_a_shadow_is_not_taken_for_ink():
+    digits = datasets.load("mnist-5k", progress=False).x_test[:12, ..., 0]
+    m = model_for()
+    for even, shaded in zip(photos(digits, False), photos(digits, True)):
+        a, _ = drawing.prepare(m, even)
+        b, _ = drawing.prepare(m, shaded)
+        assert b is not None
+        ink_a, ink_b = a[..., 0] > 64, b[..., 0] > 64
+        assert (ink_a & ink_b).sum() / (ink_a | ink_b).sum() > 0.6  # the same strokes
+        assert b[0].max() < 64 and b[-1].max() < 64  # no shadow edge in the picture
+    # blank paper in the same light: nothing drawn
+    blank = photos([np.zeros((28, 28), np.uint8)] * 3, True)
+    assert [drawing.prepare(m, p)[0] for p in blank] == [None] * 3
+
+
+def test_light_ink_on_a_dark_board_in_uneven_light():
+    digit = datasets.load("mnist-5k", progress=False).x_test[3, ..., 0]
+    dark = 255 - np.asarray(Image.open(io.BytesIO(photos([digit], True, seed=5)[0])))
+    x, _ = drawing.prepare(model_for(), png(Image.fromarray(dark)))
+    y, _ = drawing.prepare(model_for(), photos([digit], True, seed=5)[0])
+    assert np.abs(x.astype(int) - y).mean() < 3
 
 
 # accuracy on MNIST ---------------------------------------------------------------------------
@@ -286,3 +388,23 @@ def test_drawn_preprocessing_keeps_mnist_accuracy(trained_model):
     print(f"\nMNIST test set ({len(x)} images): raw {raw:.4f}, drawn-input preprocessing "
           f"{via:.4f}, difference {via - raw:+.4f}")
     assert via >= raw - 0.005
+
+
+def test_shadowed_photos_read_like_evenly_lit_ones(trained_model):
+    """Photos of 60 MNIST test digits in dark ink on paper, with a shadow over a corner:
+    the shadow costs at most a few points of accuracy (it was 3 of 60 right before the
+    paper's light was divided out)."""
+    from cnnlab.engines import get_engine
+    from cnnlab.preprocess import apply, preprocessing_of
+    ds = datasets.load("mnist-5k", progress=False)
+    x, y = ds.x_test[:60, ..., 0], ds.y_test[:60]
+    eng, prep = get_engine(trained_model, "numpy"), preprocessing_of(trained_model)
+
+    def accuracy(images):
+        xs = [drawing.prepare(trained_model, p)[0] for p in images]
+        xs = np.stack([a if a is not None else np.zeros((28, 28, 1), np.uint8) for a in xs])
+        return float((eng.predict_proba(apply(prep, xs)).argmax(1) == y).mean())
+
+    even, shaded = accuracy(photos(x, False)), accuracy(photos(x, True))
+    print(f"\nphotos of 60 digits: evenly lit {even:.3f}, shadow over a corner {shaded:.3f}")
+    assert shaded >= 0.8 and shaded >= even - 0.1

@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-pytest.importorskip("flask")
+pytest.importorskip("waitress")
+pytest.importorskip("werkzeug")
 
 from cnnlab import zoo  # noqa: E402
 from cnnlab import Sequential  # noqa: E402
@@ -321,6 +322,13 @@ BAD = [
     ("GET predict", "GET", "/api/predict", None, {}, 405),
     ("PUT model", "PUT", "/api/model", b"{}", {}, 405),
     ("unknown page", "GET", "/api/nothing", None, {}, 404),
+    ("static without slash", "GET", "/static", None, {}, 404),
+    ("static traversal", "GET", "/static/../app.py", None, {}, 404),
+    ("nested json 990", "POST", "/api/predict", b"[" * 990 + b"]" * 990, JS, 400),
+    ("nested json 100k", "POST", "/api/predict", b'{"image":' * 100_000, JS, 400),
+    ("long url", "GET", "/" + "a" * 9000, None, {}, 414),
+    ("huge header", "GET", "/healthz", None, {"X-Big": "a" * 40_000}, 431),
+    ("bad content-length", "POST", "/api/predict", None, {"Content-Length": "12x"}, 400),
 ]
 
 
@@ -334,11 +342,36 @@ def test_bad_input_gets_a_json_4xx(server, name, method, path, body, headers, co
         body = json.dumps({"image": data_url(bomb_png())}).encode()
     if method == "FILE":
         status, resp = server.post_file(path, body)
+    elif "Content-Length" in headers:  # http.client would set its own
+        status, resp = raw_json(server, f"{method} {path} HTTP/1.1\r\nHost: x\r\n"
+                                f"Content-Length: {headers['Content-Length']}\r\n\r\n".encode())
     else:
         status, resp = server.json(method, path, body, headers)
     assert status == code, resp
     assert set(resp) == {"error"} and resp["error"] and "\n" not in resp["error"]
     assert server.json("GET", "/healthz")[0] == 200
+
+
+def raw_json(server, data: bytes, timeout=10):
+    """Send bytes as they are; (status, JSON body) of the answer."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=timeout) as s:
+        s.sendall(data)
+        r = http.client.HTTPResponse(s)
+        r.begin()
+        assert r.getheader("Content-Type", "").startswith("application/json")
+        return r.status, json.loads(r.read())
+
+
+def test_head_and_allow(server):
+    c = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    c.request("HEAD", "/healthz")
+    r = c.getresponse()
+    assert r.status == 200 and r.read() == b"" and int(r.getheader("Content-Length")) > 10
+    c.request("DELETE", "/api/predict")
+    r = c.getresponse()
+    assert r.status == 405 and r.getheader("Allow") == "POST"
+    assert json.loads(r.read()) == {"error": "method DELETE is not allowed here (allowed: POST)"}
+    c.close()
 
 
 def test_multipart_without_file_field(server):
@@ -432,11 +465,13 @@ def test_serves_without_torch(model_path):
     code = f"""
 import sys
 sys.modules["torch"] = None  # any import of torch fails
+from werkzeug.test import Client
 from cnnlab.serve.app import create_app
-from cnnlab.serve import cli
-client = create_app({str(model_path)!r}).test_client()
+from cnnlab.serve import cli, server
+client = Client(create_app({str(model_path)!r}))
 r = client.post("/api/activations", json={{"image": {data_url(drawing_png())!r}}})
 assert r.status_code == 200 and len(r.get_json()["layers"]) == 5, r.get_data()
+assert "torch" not in sys.modules or sys.modules["torch"] is None
 print("ok")
 """
     r = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True,

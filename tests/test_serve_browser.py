@@ -21,13 +21,15 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
 
 if not Path(CHROMIUM).exists():
     pytest.skip(f"{CHROMIUM} is absent (apt-get install chromium)", allow_module_level=True)
-pytest.importorskip("flask")
+pytest.importorskip("waitress")
 sync_api = pytest.importorskip("playwright.sync_api")
 
 from test_serve_api import save_model, serve  # noqa: E402
 
 SHOTS = {"desktop": Path("/tmp/cnnlab-serve-screenshot.png"),
-         "phone": Path("/tmp/cnnlab-serve-screenshot-phone.png")}
+         "phone": Path("/tmp/cnnlab-serve-screenshot-phone.png"),
+         "bad-upload": Path("/tmp/cnnlab-serve-screenshot-bad-upload.png"),
+         "server-down": Path("/tmp/cnnlab-serve-screenshot-server-down.png")}
 
 
 @pytest.fixture(scope="module")
@@ -179,16 +181,56 @@ def test_draw_upload_and_layers(browser, server, shots, tmp_path):
     assert page.get_attribute("#input-img", "src") == body["input"]
     assert page.evaluate("document.querySelectorAll('.bar-row').length") == n_classes
 
-    # a non-image upload shows the server's message, and the page keeps working
+    # a non-image upload shows the server's message, clears the old prediction, and the
+    # page keeps working
     assert page.errors == []
-    bad = tmp_path / "notes.png"
+    assert page.locator(".map").count() == n_maps
+    bad = tmp_path / "notes.txt"
     bad.write_text("not an image")
     page.set_input_files("#upload", str(bad))
     settle(page)
-    assert "not an image" in page.inner_text("#status")
+    assert page.inner_text("#status").strip() == \
+        "this file is not an image we can read: PNG, JPEG, GIF, BMP, WebP"
+    assert_cleared(page, "no prediction")
+    page.screenshot(path=str(shots / "bad-upload.png"), full_page=True)
+    shutil.copy(shots / "bad-upload.png", SHOTS["bad-upload"])
     page.click("#clear")
     settle(page)
+    assert page.inner_text("#status").strip() == ""
+    stroke(page, vertical_line())
+    settle(page)
+    check_matches_api(page, api_top(server, page))
     assert [e for e in page.errors if "status of 400" not in e] == []
+
+
+def assert_cleared(page, panel):
+    """No prediction on show: the panel's text, no best class, empty bars, no maps."""
+    assert page.inner_text("#top-label").strip() == "–"
+    assert page.inner_text("#top-prob").strip() == panel
+    assert page.locator(".bar-row.best").count() == 0
+    widths = page.eval_on_selector_all(".bar-fill", "es => es.map(e => e.style.width)")
+    assert widths and set(widths) == {"0px"}  # set at once; drawn after the CSS transition
+    assert all(t == "" for t in page.eval_on_selector_all(".bar-value", "es => es.map(e => e.textContent)"))
+    assert not page.locator("#input-img").is_visible()
+    assert page.locator(".map").count() == 0 and page.locator(".layer").count() == 0
+    assert page.inner_text("#timing").strip() == ""
+
+
+def test_server_down_says_so(browser, tmp_path):
+    """The server stops after the page loaded: drawing says it cannot be reached (not
+    'draw something'), and the last prediction is cleared."""
+    model = save_model(tmp_path / "lenet.safetensors")
+    with serve(model) as s:
+        page = open_page(browser, s, viewport={"width": 1280, "height": 900})
+        stroke(page, circle())
+        settle(page)
+        assert page.locator(".map").count() > 0
+    stroke(page, vertical_line())
+    settle(page)
+    assert "server cannot be reached" in page.inner_text("#status")
+    assert_cleared(page, "cannot reach the server")
+    page.screenshot(path=str(SHOTS["server-down"]), full_page=True)
+    assert [e for e in page.errors if "ERR_CONNECTION_REFUSED" not in e] == []
 
 
 def test_phone_width(browser, server, shots):

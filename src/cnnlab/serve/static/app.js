@@ -6,6 +6,7 @@
   const ctx = pad.getContext("2d");
   const INK = "#111";
   const DELAY_MS = 70;   // debounce while drawing
+  const UNREACHABLE = "The server cannot be reached: is cnnlab serve still running?";
 
   let strokes = [];      // [{w, pts: [[x, y], ...]}]
   let current = null;    // the stroke being drawn
@@ -153,7 +154,7 @@
         else render(data);
       }
     } catch (err) {
-      showError(`cannot reach the server (${err.message})`);
+      if (mine === seq) showError(UNREACHABLE, "cannot reach the server");
     } finally {
       inFlight = false;
       if (again) { again = false; send(); } else settle();
@@ -168,20 +169,28 @@
     $("status").classList.toggle("error", isError);
   }
 
-  function showError(message) {
+  // no prediction on show: the panel says why, bars, input and maps are cleared
+  function clearResult(panelText, layersText) {
+    document.body.classList.add("is-empty");
+    $("top-label").textContent = "–";
+    $("top-prob").textContent = panelText;
+    $("input-img").hidden = true;
+    $("input-img").removeAttribute("src");
+    $("input-blank").hidden = false;
+    barRows.forEach((b) => { b.fill.style.width = "0"; b.value.textContent = ""; b.row.classList.remove("best"); });
+    $("timing").textContent = "";
+    const p = el("p", "placeholder", layersText);
+    $("layers").replaceChildren(p);
+    layerKey = "";
+  }
+
+  function showError(message, panelText = "no prediction") {
+    clearResult(panelText, "No activations: the last input could not be classified.");
     setStatus(message, true);
   }
 
   function showEmpty(message = "draw something") {
-    document.body.classList.add("is-empty");
-    $("top-label").textContent = "–";
-    $("top-prob").textContent = message;
-    $("input-img").hidden = true;
-    $("input-blank").hidden = false;
-    barRows.forEach((b) => { b.fill.style.width = "0"; b.value.textContent = ""; b.row.classList.remove("best"); });
-    $("timing").textContent = "";
-    $("layers").innerHTML = '<p class="placeholder">Draw or upload an image to see the activations of every layer.</p>';
-    layerKey = "";
+    clearResult(message, "Draw or upload an image to see the activations of every layer.");
     setStatus("");
   }
 
@@ -329,13 +338,20 @@
   }
 
   async function loadModel() {
+    let resp;
     try {
-      const resp = await fetch("/api/model");
-      model = await resp.json();
-      if (!resp.ok) throw new Error(model.error || resp.status);
+      resp = await fetch("/api/model");
     } catch (err) {
+      showError(UNREACHABLE, "cannot reach the server");
+      return false;
+    }
+    try {
+      model = await resp.json();
+      if (!resp.ok) throw new Error(model.error || `HTTP ${resp.status}`);
+    } catch (err) {
+      model = null;
       showError(`cannot load the model card (${err.message})`);
-      return;
+      return false;
     }
     const s = model.summary, tr = (model.meta && model.meta.training) || {};
     const [h, w, c] = model.input_shape;
@@ -373,9 +389,10 @@
     total.appendChild(el("td"));
     total.appendChild(el("td", "num", s.total_params.toLocaleString("en")));
     body.appendChild(total);
+    return true;
   }
 
   redraw();
   setState("loading");
-  loadModel().then(() => { if (!strokes.length && !upload) showEmpty(); settle(); });
+  loadModel().then((ok) => { if (ok && !strokes.length && !upload) showEmpty(); settle(); });
 })();
