@@ -203,3 +203,19 @@ def test_a_real_sigint_during_start_up_imports(tmp_path):
     assert r.returncode == 130, r.stderr
     assert "Traceback" not in r.stderr and "KeyboardInterrupt" not in r.stderr
     assert r.stdout == ""
+
+
+def test_cache_folders_of_killed_writers_are_removed_by_the_next_save(tmp_path):
+    from cnnlab.datasets import cache
+    root = tmp_path / "cache"
+    root.mkdir()
+    left = root / f".cnnlab-tmp-{atomic._host_tag()}-{dead_pid()}-k2j3x9ab-mnist-0123"
+    left.mkdir()
+    (left / "x_train.npy").write_bytes(b"\0" * 100)
+    keep = root / ".mnist-0123.abcdefgh"  # not ours by name: stays
+    keep.mkdir()
+    entry = cache.save([root], "mnist", "4567", {"a": np.arange(3)}, {"source": "s"})
+    assert entry == root / "mnist-4567"
+    assert sorted(p.name for p in root.iterdir()) == sorted([keep.name, "mnist-4567"])
+    arrays, _ = cache.load([root], "mnist", "4567")
+    assert arrays["a"].tolist() == [0, 1, 2]

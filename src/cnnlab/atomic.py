@@ -4,9 +4,10 @@ The temporary file lives beside the target and is named
 
     .cnnlab-tmp-<host>-<pid>-<random>-<target name><suffix>
 
-(<host>: 8 hex digits of a hash of the host name). A process killed while
-writing (kill -9, power loss) leaves that file behind; the next write into the
-same folder removes such leftovers: ours by name only, and only when stale,
+(<host>: 8 hex digits of a hash of the host name; the decoded-dataset cache
+names its temporary folders the same way). A process killed while writing
+(kill -9, power loss) leaves that file behind; the next write into the same
+folder removes such leftovers: ours by name only, and only when stale,
 that is when the process that wrote it is gone (same host, pid not running)
 or when it has not been modified for STALE_AFTER seconds (another host, or a
 pid reused since). Other files are never touched.
@@ -17,6 +18,7 @@ import hashlib
 import os
 import re
 import secrets
+import shutil
 import socket
 import time
 from contextlib import contextmanager
@@ -47,6 +49,11 @@ def _pid_running(pid: int) -> bool:
     return True
 
 
+def temp_prefix() -> str:
+    """The start of this process's temporary names: .cnnlab-tmp-<host>-<pid>-"""
+    return f"{TEMP_PREFIX}{_host_tag()}-{os.getpid()}-"
+
+
 def clean_stale_temp_files(folder, now: float | None = None) -> list:
     """Remove our stale temporary files in `folder` (see the module docstring).
 
@@ -65,13 +72,17 @@ def clean_stale_temp_files(folder, now: float | None = None) -> list:
             continue
         try:
             st = e.stat(follow_symlinks=False)
-            if not e.is_file(follow_symlinks=False):
+            is_dir = e.is_dir(follow_symlinks=False)
+            if not (is_dir or e.is_file(follow_symlinks=False)):
                 continue
             old = now - st.st_mtime > STALE_AFTER
             dead = m.group(1) == host and int(m.group(2)) != os.getpid() \
                 and not _pid_running(int(m.group(2)))
             if old or dead:
-                os.unlink(e.path)
+                if is_dir:
+                    shutil.rmtree(e.path)
+                else:
+                    os.unlink(e.path)
                 removed.append(Path(e.path))
         except (OSError, ValueError):
             continue
@@ -92,8 +103,7 @@ def atomic_writer(path, suffix: str = ".tmp"):
     fd = -1
     try:
         # name the file before creating it, so an interrupt at any point knows what to remove
-        tmp = str(path.parent / (f"{TEMP_PREFIX}{_host_tag()}-{os.getpid()}-"
-                                 f"{secrets.token_hex(4)}-{path.name}{suffix}"))
+        tmp = str(path.parent / f"{temp_prefix()}{secrets.token_hex(4)}-{path.name}{suffix}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
         with os.fdopen(fd, "wb") as f:
             fd = -1  # owned by f now

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import struct
 from pathlib import Path
 
@@ -181,25 +182,29 @@ def read_header(path) -> dict:
 
 
 def _read(path: Path, with_data: bool):
-    """(header, tensor table, data bytearray or None, header length)."""
+    """(header, tensor table, data bytearray or None); the data is read only after the
+    header and its tensor table passed every check."""
     try:
-        size = path.stat().st_size
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
                 raise ModelFileError(f"{path}: not a model file (only {size} bytes)")
             (n,) = struct.unpack("<Q", head)
             if n > min(size - 8, MAX_HEADER):
                 raise ModelFileError(f"{path}: not a safetensors file (bad header length)")
-            raw = f.read(n)
+            header, table = _parse_header(f.read(n), path, size, n)
             data = None
             if with_data:
                 data = bytearray(size - 8 - n)
-                got = f.readinto(data)
-                if got != len(data):
+                if f.readinto(data) != len(data):
                     raise ModelFileError(f"{path}: truncated while reading")
     except OSError as e:
         raise ModelFileError(f"{path}: cannot read: {e.strerror or e}") from None
+    return header, table, data
+
+
+def _parse_header(raw: bytes, path, size: int, n: int):
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -213,8 +218,7 @@ def _read(path: Path, with_data: bool):
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise ModelFileError(f"{path}: header field __metadata__ must be an object of strings, "
                              f"got {_quote(meta)}")
-    table = _check_tensor_table(header, path, size, n)
-    return header, table, data, n
+    return header, _check_tensor_table(header, path, size, n)
 
 
 def unpack(path, verify: bool = True) -> tuple[dict, dict]:
@@ -223,7 +227,7 @@ def unpack(path, verify: bool = True) -> tuple[dict, dict]:
     The checksum, where the file has one, is verified unless verify=False.
     """
     path = Path(path)
-    header, table, data, _ = _read(path, with_data=True)
+    header, table, data = _read(path, with_data=True)
     meta_raw = header.get("__metadata__", {}).get("cnnlab")
     if meta_raw is None:
         raise ModelFileError(f"{path}: a safetensors file, but not a cnnlab file "
@@ -304,6 +308,10 @@ def check_metadata(meta: dict, path) -> None:
             bad(f"{field}.name", f"must be a string of 1 to {MAX_NAME} characters", item.get("name"))
         if not isinstance(item.get("config", {}), dict):
             bad(f"{field}.config", "must be an object", item.get("config"))
+        for key, value in item.get("config", {}).items():
+            values = value if isinstance(value, list) else [value]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                bad(f"{field}.config.{_quote(key, 40)}", "must be finite", value)
     if "class_names" in meta:
         names = meta["class_names"]
         if not isinstance(names, list) or not all(_name_ok(n) for n in names):
