@@ -69,8 +69,10 @@ def test_corrupted_and_foreign_files(tmp_path, saved):
     (n,) = struct.unpack("<Q", raw[:8])
     header = raw[8:8 + n].replace(b'"cnnlab-model', b'"cnnlab-modex')
     (tmp_path / "fmt.safetensors").write_bytes(bytes(raw[:8] + header + raw[8 + n:]))
-    with pytest.raises(ModelFileError, match="not a cnnlab model file"):
+    with pytest.raises(ModelFileError, match="fmt.safetensors: checksum mismatch"):
         load(tmp_path / "fmt.safetensors")
+    with pytest.raises(ModelFileError, match="not a cnnlab model file"):
+        load(tmp_path / "fmt.safetensors", verify=False)
     with pytest.raises(ModelFileError, match="no such file"):
         load(tmp_path / "missing.safetensors")
 

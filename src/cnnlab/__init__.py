@@ -1,19 +1,32 @@
-"""cnnlab: define, train, inspect and serve convolutional networks for images."""
-from .version import __version__  # noqa: E402,F401
+"""cnnlab: define, train, inspect and serve convolutional networks for images.
 
-from . import layers  # noqa: E402
-from .api import Sequential, load  # noqa: E402
-from .layers import (Activation, AvgPool2D, BatchNorm, Conv2D, Dense, Dropout, Flatten,  # noqa: E402
-                     GlobalAvgPool2D, GlobalMaxPool2D, Input, MaxPool2D, ModelError)
+    import cnnlab
+    from cnnlab.layers import Input, Conv2D, MaxPool2D, Flatten, Dense
+    model = cnnlab.Sequential([Input((28, 28, 1)), Conv2D(6, 3, activation="relu"), ...])
 
-__all__ = ["Sequential", "load", "layers", "Activation", "AvgPool2D", "BatchNorm", "Conv2D",
-           "Dense", "Dropout", "Flatten", "GlobalAvgPool2D", "GlobalMaxPool2D", "Input",
-           "MaxPool2D", "ModelError"]
+Names load on first use (PEP 562), so `cnnlab --help` starts without numpy or torch.
+"""
+from __future__ import annotations
+
+import importlib
+
+from .version import __version__
+
+_LAYERS = ("Activation", "AvgPool2D", "BatchNorm", "Conv2D", "Dense", "Dropout", "Flatten",
+           "GlobalAvgPool2D", "GlobalMaxPool2D", "Input", "MaxPool2D", "ModelError")
+_NAMES = {"Sequential": "api", "load": "api", **{n: "layers" for n in _LAYERS}}
+_MODULES = ("api", "callbacks", "datasets", "engines", "evaluate", "fileformat", "inputs",
+            "inspect", "interop", "layers", "losses", "model", "predict", "training", "zoo")
+__all__ = ["__version__", *_NAMES, *_MODULES]
 
 
-def __getattr__(name):  # submodules that pull in heavier dependencies load when asked for
-    if name in ("datasets", "zoo", "training", "evaluate", "predict", "fileformat", "inspect",
-                "inputs", "engines"):
-        import importlib
+def __getattr__(name):
+    if name in _NAMES:
+        return getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
+    if name in _MODULES:
         return importlib.import_module(f".{name}", __name__)
-    raise AttributeError(name)
+    raise AttributeError(f"module 'cnnlab' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)

@@ -363,17 +363,20 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not args.command:
-        parser.print_help()
-        return 2
-    from .datasets import DatasetError
-    from .fileformat import ModelFileError
-    from .layers import ModelError
-    from .training import TrainingError, TrainingInterrupted
-    from .extensions import COMMANDS as EXTRA
-    handler = COMMANDS.get(args.command) or EXTRA[args.command]
+    try:  # Ctrl-C while starting up (parser, imports): nothing began, exit quietly
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not args.command:
+            parser.print_help()
+            return 2
+        from .datasets import DatasetError
+        from .fileformat import ModelFileError
+        from .layers import ModelError
+        from .training import TrainingError, TrainingInterrupted
+        from .extensions import COMMANDS as EXTRA
+        handler = COMMANDS.get(args.command) or EXTRA[args.command]
+    except KeyboardInterrupt:
+        return 130
     try:
         return handler(args)
     except TrainingInterrupted as e:

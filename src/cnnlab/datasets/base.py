@@ -22,19 +22,24 @@ class Dataset:
 
     def __init__(self, name, x_train, y_train, x_test, y_test, class_names, source):
         self.name = str(name)
+        self.source = str(source)
         self.x_train = x_train
         self.y_train = y_train
         self.x_test = x_test
         self.y_test = y_test
         self.class_names = [str(c) for c in class_names]
-        self.source = str(source)
+        where = f"{self.source}: " if self.source else ""
         for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
-            if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
-                raise ValueError(f"x_{split} must be uint8 (N, H, W, 1|3), got {x.dtype} {x.shape}")
-            if y.dtype != np.int64 or y.shape != (x.shape[0],):
-                raise ValueError(f"y_{split} must be int64 ({x.shape[0]},), got {y.dtype} {y.shape}")
+            if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 4 \
+                    or x.shape[-1] not in (1, 3):
+                raise DatasetError(f"{where}x_{split} must be uint8 (N, H, W, 1|3), got "
+                                   f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}")
+            if not isinstance(y, np.ndarray) or y.dtype != np.int64 or y.shape != (x.shape[0],):
+                raise DatasetError(f"{where}y_{split} must be int64 ({x.shape[0]},), got "
+                                   f"{getattr(y, 'dtype', type(y).__name__)} {getattr(y, 'shape', '')}")
         if x_train.shape[1:] != x_test.shape[1:]:
-            raise ValueError(f"train and test shapes differ: {x_train.shape[1:]} vs {x_test.shape[1:]}")
+            raise DatasetError(f"{where}train and test images differ in shape: "
+                               f"{x_train.shape[1:]} vs {x_test.shape[1:]}")
 
     @property
     def input_shape(self) -> tuple:

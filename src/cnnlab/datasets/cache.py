@@ -4,7 +4,8 @@ An entry is a folder `<root>/<slug>-<key>/` holding one uncompressed `.npy`
 per array and `meta.json`. The key hashes the source files' paths, sizes and
 mtimes plus the decoding options, so a changed source gets a new entry (and
 the stale one is removed). Entries are written to a temporary folder and
-renamed into place, so a reader never sees half an entry. Roots are tried in
+renamed into place, so a reader never sees half an entry (a folder left by a
+killed writer is removed by a later save, see `cnnlab.atomic`). Roots are tried in
 order (normally `<data dir>/.cache`, then `~/.cache/cnnlab/decoded`); a
 read-only root is skipped. Any cache problem just means decoding again, and a
 damaged entry is removed.
@@ -19,6 +20,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from ..atomic import clean_stale_temp_files, temp_prefix
 
 CACHE_VERSION = 1
 CACHE_MAX_BYTES = 4 << 30  # bigger decoded datasets are not cached
@@ -107,7 +110,8 @@ def save(roots, slug: str, key: str, arrays: dict, meta: dict) -> Path | None:
             continue
         try:
             root.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{slug}-{key}."))
+            clean_stale_temp_files(root)  # folders left by a killed writer
+            tmp = Path(tempfile.mkdtemp(dir=root, prefix=temp_prefix(), suffix=f"-{slug}-{key}"))
             os.chmod(tmp, 0o755)
             for name, arr in arrays.items():
                 _write_npy(tmp / f"{name}.npy", np.ascontiguousarray(arr))

@@ -3,7 +3,9 @@
 The body goes to a hidden temporary file in the destination folder, is
 fsynced, checked against the expected length and md5, then renamed over the
 destination with os.replace. On any failure, Ctrl-C included, the temporary
-file is removed, so a partial file is never left behind.
+file is removed, so a partial file is never left behind. A download killed
+outright (kill -9, power loss) leaves its `.cnnlab-tmp-...part` file; the next
+download into that folder removes it (see `cnnlab.atomic`) and starts afresh.
 """
 from __future__ import annotations
 

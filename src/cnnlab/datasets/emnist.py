@@ -43,7 +43,8 @@ def parse_mapping(text: str, name: str) -> tuple:
                 raise ValueError
             chars = [chr(c) for c in values[1:]]
         except (ValueError, OverflowError):
-            raise DatasetError(f"{name}: line {n} is not 'label ascii_code [ascii_code]': {line!r}") from None
+            raise DatasetError(f"{name}: line {n} is not 'label ascii_code [ascii_code]': "
+                               f"{line[:60]!r}{'...' if len(line) > 60 else ''}") from None
         labels.append(values[0])
         names.append("/".join(chars))
     if not labels or len(set(labels)) != len(labels):

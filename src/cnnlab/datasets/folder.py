@@ -15,6 +15,7 @@ it is a DatasetError.
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -39,13 +40,60 @@ def _visible_dirs(folder: Path) -> list:
         raise DatasetError(f"cannot list {folder}: {e.strerror or e}") from None
 
 
-def _images_under(folder: Path) -> list:
-    found = []
+def _dir_id(path):
+    st = os.stat(path)  # follows links: the folder a link points to
+    return (st.st_dev, st.st_ino)
+
+
+def _ids(paths) -> set:
+    out = set()
+    for p in paths:
+        try:
+            out.add(_dir_id(p))
+        except OSError:
+            pass
+    return out
+
+
+def _labelled(class_dirs: dict, classes: list, skip: set) -> list:
+    """[(image path, label)] for the classes that have a folder in class_dirs."""
+    return [(p, i) for i, c in enumerate(classes) if c in class_dirs
+            for p in _images_under(class_dirs[c], skip - _ids([class_dirs[c]]))]
+
+
+def _images_under(folder: Path, skip=()) -> list:
+    """Image files under folder, following links to folders but never into a folder twice
+    (a link loop ends there) nor into the folders in `skip` (the root, other classes).
+    Only regular files count: a FIFO or device named x.png is ignored, never opened."""
+    found, seen_files = [], set()
+    try:
+        seen_dirs = set(skip) | {_dir_id(folder)}
+    except OSError:
+        return found
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        keep = []
+        for d in sorted(dirnames):
+            if d.startswith("."):
+                continue
+            try:
+                key = _dir_id(os.path.join(dirpath, d))
+            except OSError:
+                continue
+            if key not in seen_dirs:
+                seen_dirs.add(key)
+                keep.append(d)
+        dirnames[:] = keep
         for f in filenames:
-            if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS:
-                found.append(os.path.join(dirpath, f))
+            if f.startswith(".") or os.path.splitext(f)[1].lower() not in IMAGE_EXTENSIONS:
+                continue
+            p = os.path.join(dirpath, f)
+            try:
+                st = os.stat(p)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen_files:
+                seen_files.add((st.st_dev, st.st_ino))
+                found.append(p)
     return sorted(found)
 
 
@@ -61,18 +109,26 @@ def scan(root: Path):
                     "e.g. load('mnist', data_dir=...))")
         raise DatasetError(f"{train_root}: no class subfolders; expected "
                            f"{train_root}/<class name>/<images>{hint}")
-    train = [(p, i) for i, c in enumerate(classes) for p in _images_under(train_root / c)]
-    test = None
-    if has_split and (root / "test").is_dir():
-        test_classes = _visible_dirs(root / "test")
-        extra = sorted(set(test_classes) - set(classes))
-        if extra:
-            raise DatasetError(f"{root / 'test'}: classes not in train/: {', '.join(extra)}")
-        test = [(p, i) for i, c in enumerate(classes) if c in test_classes
-                for p in _images_under(root / "test" / c)]
+    if len(classes) < 2:
+        raise DatasetError(f"{train_root}: only one class subfolder ({classes[0]}); a classifier "
+                           f"needs at least two: {train_root}/<class name>/<images>")
+    test_root = root / "test" if has_split and (root / "test").is_dir() else None
+    test_classes = _visible_dirs(test_root) if test_root else []
+    extra = sorted(set(test_classes) - set(classes))
+    if extra:
+        raise DatasetError(f"{test_root}: classes not in train/: {', '.join(extra)}")
+    # links into the root or into another class's folder are not followed
+    skip = _ids([root, train_root, *(train_root / c for c in classes)] +
+                ([test_root, *(test_root / c for c in test_classes)] if test_root else []))
+    train = _labelled({c: train_root / c for c in classes}, classes, skip)
+    test = _labelled({c: test_root / c for c in test_classes}, classes, skip) if test_root else None
     if not train:
         raise DatasetError(f"{train_root}: no images ({' '.join(IMAGE_EXTENSIONS)}) in the "
                            f"class subfolders {', '.join(classes[:5])}{'...' if len(classes) > 5 else ''}")
+    with_images = sorted({classes[i] for _, i in train})
+    if len(with_images) < 2:
+        raise DatasetError(f"{train_root}: only the class {with_images[0]} has images; a "
+                           f"classifier needs images of at least two classes")
     return classes, train, test
 
 

@@ -8,6 +8,9 @@ magic 2049 (0x00000801, dims N). The canonical files are gzip-compressed.
 from __future__ import annotations
 
 import gzip
+import io
+import math
+import os
 import struct
 import zlib
 
@@ -18,6 +21,23 @@ from .base import DatasetError
 IMAGES_MAGIC = 2051
 LABELS_MAGIC = 2049
 CHUNK = 1 << 24
+MAX_VALUES = 1 << 32   # values in one IDX file (EMNIST byclass train: 547 million)
+MAX_GZIP_RATIO = 1100  # deflate expands at most ~1032x; a header promising more is a lie
+
+
+def _source_size(f):
+    """Size in bytes of a file object's whole content, or None if it cannot tell."""
+    try:
+        return os.fstat(f.fileno()).st_size
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        pass
+    try:
+        pos = f.tell()
+        end = f.seek(0, 2)
+        f.seek(pos)
+        return end
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return None
 
 
 def _read_exact(stream, n: int) -> bytes:
@@ -28,8 +48,10 @@ def _read_exact(stream, n: int) -> bytes:
 def read_idx(src, name: str, magic: int) -> np.ndarray:
     """Decode an IDX file (path or binary file object, gzipped or not) into uint8.
 
-    Checks the magic number, the header and that the body has exactly the
-    size the header announces. Reads straight into the output array.
+    Checks the magic number, then the header's dimensions against the file size
+    (exact for a plain file; for gzip, at most what deflate can expand to) before
+    anything is allocated, and that the body has exactly the size announced.
+    Memory grows with the data actually read, not with what the header claims.
     """
     kind = "images" if magic == IMAGES_MAGIC else "labels"
     own = not hasattr(src, "read")
@@ -38,6 +60,7 @@ def read_idx(src, name: str, magic: int) -> np.ndarray:
     except OSError as e:
         raise DatasetError(f"{name}: cannot open: {e.strerror or e}") from None
     try:
+        size = _source_size(f)
         start = f.read(2)
         f.seek(0)
         stream = gzip.GzipFile(fileobj=f, mode="rb") if start == b"\x1f\x8b" else f
@@ -52,22 +75,43 @@ def read_idx(src, name: str, magic: int) -> np.ndarray:
         if len(raw_dims) < 4 * ndim:
             raise DatasetError(f"{name}: truncated IDX header")
         dims = struct.unpack(f">{ndim}I", raw_dims)
-        out = np.empty(dims, dtype=np.uint8)
-        view, pos = memoryview(out).cast("B"), 0
-        while pos < out.size:
-            n = stream.readinto(view[pos:pos + CHUNK])
-            if not n:
+        _check_dims(dims, name, kind, ndim, size, gzipped=stream is not f)
+        count = math.prod(dims)
+        buf = bytearray()
+        while len(buf) < count:  # grows with what is really there, never past the header
+            chunk = stream.read(min(CHUNK, count - len(buf)))
+            if not chunk:
                 break
-            pos += n
-        if pos != out.size or _read_exact(stream, 1):
-            raise DatasetError(f"{name}: size mismatch: header says {dims} ({out.size} values), "
-                               f"file has {'fewer' if pos != out.size else 'more'} (truncated or corrupt?)")
-        return out
+            buf += chunk
+        if len(buf) != count or _read_exact(stream, 1):
+            raise DatasetError(f"{name}: size mismatch: header says {dims} ({count} values), "
+                               f"file has {'fewer' if len(buf) != count else 'more'} "
+                               "(truncated or corrupt?)")
+        return np.frombuffer(buf, dtype=np.uint8).reshape(dims)
+    except MemoryError:
+        raise DatasetError(f"{name}: not enough memory to read it") from None
     except (EOFError, OSError, zlib.error) as e:
         raise DatasetError(f"{name}: cannot read (truncated or corrupt gzip file?): {e}") from None
     finally:
         if own:
             f.close()
+
+
+def _check_dims(dims, name, kind, ndim, size, gzipped):
+    """Compare the header's dimensions with the limits and the file size, before allocating."""
+    count = math.prod(dims)
+    if count == 0:
+        raise DatasetError(f"{name}: header says {dims}: an IDX {kind} file without {kind}")
+    need = 4 + 4 * ndim + count
+    if size is not None and gzipped and need > size * MAX_GZIP_RATIO:
+        raise DatasetError(f"{name}: header says {dims} ({count:,} values), more than a "
+                           f"{size:,}-byte gzip file can hold (corrupt header?)")
+    if size is not None and not gzipped and need != size:
+        raise DatasetError(f"{name}: size mismatch: header says {dims} ({need:,} bytes with the "
+                           f"header), the file has {size:,} bytes (truncated or corrupt?)")
+    if count > MAX_VALUES:
+        raise DatasetError(f"{name}: header says {dims} ({count:,} values); more than the "
+                           f"{MAX_VALUES:,} read from one file")
 
 
 def read_idx_images(src, name: str) -> np.ndarray:
