@@ -125,3 +125,14 @@ def test_description_and_training_config_do_not_import_engines_or_torch():
     assert "torch" not in mods
     assert not any(m.startswith("cnnlab.engines.torch") or m.startswith("cnnlab.engines.numpy.engine")
                    for m in mods)
+def test_no_test_module_imports_another():
+    names = {p.stem for p in TESTS.glob("test_*.py")}
+    for p in TESTS.glob("test_*.py"):
+        for node in ast.walk(ast.parse(p.read_text())):
+            mods = []
+            if isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                mods = [node.module or ""]
+            bad = [m for m in mods if m.split(".")[-1] in names or m.startswith("tests")]
+            assert not bad, f"{p.name} imports {bad}"

@@ -20,7 +20,7 @@ from cnnlab.datasets import Dataset, DatasetError, load
 from cnnlab.datasets import cifar
 from cnnlab.datasets.idx import write_idx
 
-from test_datasets import cifar_batch, make_cifar_tgz, make_folder, make_idx_dir, write_gz
+from datafiles import cifar_batch, make_cifar_tgz, make_folder, make_idx_dir, write_gz  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -24,7 +24,7 @@ if not Path(CHROMIUM).exists():
 pytest.importorskip("waitress")
 sync_api = pytest.importorskip("playwright.sync_api")
 
-from test_serve_api import save_model, serve  # noqa: E402
+from serving import save_model, serve  # noqa: E402
 
 SHOTS = {"desktop": Path("/tmp/cnnlab-serve-screenshot.png"),
          "phone": Path("/tmp/cnnlab-serve-screenshot-phone.png"),

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 
 pytest.importorskip("waitress")
 
-from test_serve_api import cli_env, data_url, drawing_png, free_port, save_model, serve  # noqa: E402
+from serving import cli_env, data_url, drawing_png, free_port, save_model, serve  # noqa: E402
 
 TIMEOUT = 2  # the server's --timeout in this module (seconds)
 
