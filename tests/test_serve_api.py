@@ -21,7 +21,7 @@ pytest.importorskip("werkzeug")
 SRC = Path(__file__).resolve().parents[1] / "src"
 CLASSES = [str(i) for i in range(10)]
 from serving import (bomb_png, cli_env, data_url, decode_png, drawing_png, expected,
-    expected_activations, free_port, multipart, png, save_model, serve)
+                     expected_activations, free_port, png, save_model, serve)  # noqa: E402
 
 
 @pytest.fixture(scope="module")
