@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import math
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -21,8 +22,19 @@ from ._common import (conv_layers, engine_for, hide_axes, layer_index, layer_lab
 RIGHT, WRONG = "#1a7f37", "#cf222e"
 
 
+class WrappedFigure(Figure):
+    """A Figure whose suptitle wraps to the figure's width instead of running off its edges."""
+
+    def suptitle(self, t, **kwargs):
+        size = kwargs.get("fontsize", 12)
+        size = size if isinstance(size, (int, float)) else 12
+        chars = max(24, int(self.get_figwidth() * 72 / (0.62 * size)))
+        t = "\n".join(textwrap.fill(line, chars) for line in str(t).split("\n"))
+        return super().suptitle(t, **kwargs)
+
+
 def new_figure(width, height) -> Figure:
-    return Figure(figsize=(width, height), layout="constrained", dpi=100)
+    return WrappedFigure(figsize=(width, height), layout="constrained", dpi=100)
 
 
 # training history ------------------------------------------------------------------------
@@ -150,7 +162,8 @@ def per_class_figure(y_true, y_pred, class_names):
         low = min(low, vals.min())
         ax.plot(x + (m - 1) * 0.18, vals, marker, color=color, label=key, ms=7)
     ax.vlines(x, 0, 1, color="#d0d7de", lw=0.8, zorder=0)
-    ax.set_ylim(max(0.0, low - 0.1 * (1.0 - low) - 0.005), 1.0 + 0.05 * (1.0 - low) + 0.002)
+    pad = 0.06 * (1.0 - low) + 0.004   # room for the markers at both ends
+    ax.set_ylim(low - pad, 1.0 + pad)
     ax.set_xlim(-0.6, k - 0.4)
     names = [r["class"] for r in rows]
     long = max(map(len, names)) > 3

@@ -77,7 +77,7 @@ class TorchBackend:
         self.sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         self.seen = 0
         kind = "CUDA " + torch.cuda.get_device_name(self.device) if self.device.type == "cuda" \
-            else f"CPU, {torch.get_num_threads()} threads"
+            else f"CPU, {torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}"
         self.device_info = f"{kind}, {cfg.precision}" + \
             (", channels_last" if self.channels_last else "")
 
