@@ -227,7 +227,8 @@ def test_folder_default_size_colour_and_overrides(tmp_path):
     make_folder(root, {"a": 3}, size=(10, 12), mode="L")
     make_folder(root, {"b": 1}, size=(6, 6), mode="RGB", seed=1)
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(root / "a" / "upper.JPG")
-    ds = load(root, progress=False)
+    with pytest.warns(DatasetWarning, match="3 different sizes"):
+        ds = load(root, progress=False)
     assert ds.input_shape == (10, 12, 3)  # most common size; one colour image makes it rgb
     assert len(ds.y_train) + len(ds.y_test) == 5
     ds = load(root, image_size=16, color="grayscale", progress=False)
@@ -398,3 +399,39 @@ def test_real_cifar10_and_a_fast_second_load():
     again = load("cifar10", SHARED, download=False, progress=False)
     assert time.perf_counter() - t < 1.0
     assert np.array_equal(again.x_test, ds.x_test)
+
+
+def test_folders_say_what_they_decide(tmp_path):
+    root = tmp_path / "pets"
+    rng = np.random.default_rng(0)
+    for label in ("cat", "dog"):
+        (root / label).mkdir(parents=True)
+        for i in range(10):
+            w, h = (156, 41) if i < 6 else (300, 200)
+            Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(
+                root / label / f"{i}.png")
+    (root / "empty").mkdir()
+    with pytest.raises(DatasetError, match="class folder.*empty hold no images"):
+        load(root)
+    (root / "empty").rmdir()
+    with pytest.warns(DatasetWarning, match=r"2 different sizes \(41x156 for 12 of 20; also "
+                                            r"200x300\); all are resized to 41x156"):
+        ds = load(root)
+    assert ds.input_shape == (41, 156, 3)
+    assert ds.notes == ["pets: cat 10, dog 10 images; 41x156 RGB; 16 train / 4 test "
+                        "(test: 20% of each class, seeded)"]
+    big = load(root, image_size=(400, 600))
+    assert big.input_shape == (400, 600, 3)
+    for p in (root / "cat").glob("*.png"):   # one size above the cap: scaled to 256
+        Image.fromarray(rng.integers(0, 255, (200, 300, 3), dtype=np.uint8)).save(p)
+    for p in (root / "dog").glob("*.png"):
+        Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(p)
+    with pytest.warns(DatasetWarning, match="resized to 171x256"):
+        assert load(root, seed=1).input_shape == (171, 256, 3)
+
+
+def test_named_datasets_note_a_conversion():
+    ds = load("mnist-5k", image_size=(32, 32), color="rgb")
+    assert ds.notes == ["mnist-5k images are 28x28 grey; converted to 32x32 RGB for the "
+                        "model's input"]
+    assert load("mnist-5k").notes == []

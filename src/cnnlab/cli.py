@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 EPILOGS = {
@@ -181,6 +182,8 @@ def cmd_train(args):
     if args.model in zoo.MODELS:
         if args.image_size:
             load_opts["image_size"] = parse_size(args.image_size)
+        elif options["data"] not in datasets.DATASETS:   # a folder: the zoo model's own size
+            load_opts["image_size"] = zoo.build(args.model).input_shape[:2]
         if args.color:
             load_opts["color"] = args.color
         ds = datasets.load(options["data"], **load_opts)
@@ -362,7 +365,13 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict
             "summary": cmd_summary, "datasets": cmd_datasets, "zoo": cmd_zoo}
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """Warnings as one line, `warning: ...`, as errors are shown."""
+    print(f"warning: {message}", file=file or sys.stderr)
+
+
 def main(argv=None) -> int:
+    warnings.showwarning = _show_warning
     try:  # Ctrl-C while starting up (parser, imports): nothing began, exit quietly
         parser = build_parser()
         args = parser.parse_args(argv)

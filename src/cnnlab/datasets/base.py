@@ -18,6 +18,8 @@ class Dataset:
     x_train, x_test: uint8 (N, H, W, C), channels-last, C = 1 (grey) or 3 (RGB).
     y_train, y_test: int64 (N,), values in 0..num_classes-1.
     class_names: one name per label; source: the file or folder it came from.
+    notes: what loading decided for the user (sizes, colour, split, conversions), for the
+    training header to print.
     """
 
     def __init__(self, name, x_train, y_train, x_test, y_test, class_names, source):
@@ -28,6 +30,7 @@ class Dataset:
         self.x_test = x_test
         self.y_test = y_test
         self.class_names = [str(c) for c in class_names]
+        self.notes: list[str] = []
         where = f"{self.source}: " if self.source else ""
         for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
             if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 4 \

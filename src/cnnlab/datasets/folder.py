@@ -6,9 +6,13 @@
 Classes are the subfolder names sorted as strings (like Keras'
 image_dataset_from_directory); images are found recursively, hidden entries
 skipped, extensions .png .jpg .jpeg .bmp .gif in any case. Train and test
-come in a seeded random order (not grouped by class). Defaults: image_size is the most common
-(H, W) among the images (ties: the larger); color is 'rgb' if any image has
-non-grey pixels, else 'grayscale'. Unreadable images are skipped with one
+come in a seeded random order (not grouped by class). Defaults: image_size is the
+images' size when they all share one; for mixed sizes the most common (H, W) (ties: the
+larger), scaled down to at most MAX_DEFAULT_SIDE on its longer side (Keras'
+image_dataset_from_directory uses 256x256), with a DatasetWarning that says so; color is
+'rgb' if any image has non-grey pixels, else 'grayscale'. A class folder without images
+is refused (it would be a class the model can never learn). What was decided is in
+`Dataset.notes`; mixed sizes and unreadable images also give a DatasetWarning. Unreadable images are skipped with one
 DatasetWarning that counts them and names the first few; if none is readable
 it is a DatasetError.
 """
@@ -30,6 +34,7 @@ from .images import (IMAGE_EXTENSIONS, MAX_PIXELS, convert_channels, image_to_ar
                      open_image, parse_color, parse_image_size)
 
 TEST_FRACTION = 0.2
+MAX_DEFAULT_SIDE = 256
 
 
 def _visible_dirs(folder: Path) -> list:
@@ -129,6 +134,10 @@ def scan(root: Path):
     if len(with_images) < 2:
         raise DatasetError(f"{train_root}: only the class {with_images[0]} has images; a "
                            f"classifier needs images of at least two classes")
+    empty = [c for c in classes if c not in with_images]
+    if empty:
+        raise DatasetError(f"{train_root}: the class folder(s) {', '.join(empty[:5])} hold no "
+                           f"images ({' '.join(IMAGE_EXTENSIONS)}); add images or remove them")
     return classes, train, test
 
 
@@ -183,8 +192,10 @@ def load_folder(root, image_size=None, color=None, seed=0, progress=True) -> Dat
         hit = cache.load(roots, "folder", key)
         if hit is not None:
             a, meta = hit
-            return Dataset(root.name, a["x_train"], a["y_train"], a["x_test"], a["y_test"],
-                           meta["class_names"], str(root))
+            ds = Dataset(root.name, a["x_train"], a["y_train"], a["x_test"], a["y_test"],
+                         meta["class_names"], str(root))
+            ds.notes = [str(n) for n in meta.get("notes") or [] if isinstance(n, str)]
+            return ds
 
     bad = []
     if size is None:
@@ -197,6 +208,16 @@ def load_folder(root, image_size=None, color=None, seed=0, progress=True) -> Dat
             raise DatasetError(f"{root}: none of the {len(paths)} images can be read")
         counts = Counter(sizes.values())
         size = max(counts, key=lambda s: (counts[s], s[0] * s[1], s))
+        if len(counts) > 1:
+            common = size
+            scale = min(1.0, MAX_DEFAULT_SIDE / max(size))
+            size = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
+            others = ", ".join(f"{h}x{w}" for (h, w), _ in counts.most_common(4) if (h, w) != common)
+            warnings.warn(DatasetWarning(
+                f"{root}: the images have {len(counts)} different sizes ({common[0]}x{common[1]} "
+                f"for {counts[common]} of {len(sizes)}; also {others}"
+                f"{', ...' if len(counts) > 4 else ''}); all are resized to {size[0]}x{size[1]} "
+                f"(choose with image_size / --image-size)"), stacklevel=3)
 
     arrays, keep = [], []
     bar = progress_bar(len(paths), f"reading {root.name}", progress and len(paths) >= 1000, unit="img")
@@ -231,9 +252,22 @@ def load_folder(root, image_size=None, color=None, seed=0, progress=True) -> Dat
         rng = np.random.default_rng(seed)
         tr, te = rng.permutation(np.flatnonzero(is_train)), rng.permutation(np.flatnonzero(~is_train))
     ds = Dataset(root.name, x[tr], y[tr], x[te], y[te], classes, str(root))
+    ds.notes = [folder_note(ds, test is not None)]
     if key is not None:
         cache.save(roots, "folder", key,
                    {"x_train": ds.x_train, "y_train": ds.y_train, "x_test": ds.x_test, "y_test": ds.y_test},
                    {"source": str(root), "options": {k: options[k] for k in ("image_size", "color", "seed")},
-                    "class_names": classes})
+                    "class_names": classes, "notes": ds.notes})
     return ds
+
+
+def folder_note(ds: Dataset, given_split: bool) -> str:
+    """One line: classes with their image counts, image size and colour, the split."""
+    counts = np.bincount(np.concatenate([ds.y_train, ds.y_test]), minlength=ds.num_classes)
+    shown = ", ".join(f"{c} {n}" for c, n in zip(ds.class_names[:8], counts[:8]))
+    more = f", ... ({ds.num_classes} classes)" if ds.num_classes > 8 else ""
+    h, w, c = ds.input_shape
+    split = "train/ and test/ as given" if given_split else \
+        f"test: {TEST_FRACTION:.0%} of each class, seeded"
+    return (f"{ds.name}: {shown}{more} images; {h}x{w} {'grey' if c == 1 else 'RGB'}; "
+            f"{len(ds.y_train):,} train / {len(ds.y_test):,} test ({split})")

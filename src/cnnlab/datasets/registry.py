@@ -310,12 +310,21 @@ def load(name_or_folder, data_dir=None, *, image_size=None, color=None, seed=0,
         return load_folder(path, image_size=size, color=color, seed=seed, progress=progress)
     ds = _load_mnist5k(seed) if name == "mnist-5k" else \
         _load_named(DATASETS[name], data_dir, download, progress)
+    native = ds.input_shape
     if size is not None and ds.input_shape[:2] != size:
         ds.x_train, ds.x_test = resize_images(ds.x_train, size), resize_images(ds.x_test, size)
     if channels is not None and ds.input_shape[2] != channels:
         ds.x_train = convert_channels(ds.x_train, channels)
         ds.x_test = convert_channels(ds.x_test, channels)
+    if ds.input_shape != native:
+        ds.notes.append(f"{name} images are {_shape(native)}; converted to "
+                        f"{_shape(ds.input_shape)} for the model's input")
     return ds
+
+
+def _shape(shape) -> str:
+    h, w, c = shape
+    return f"{h}x{w} {'grey' if c == 1 else 'RGB'}"
 
 
 def list_datasets(data_dir=None) -> list:

@@ -26,6 +26,7 @@ class Prepared:
     name: str
     val_source: str = ""
     preprocessing: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)   # what loading decided (sizes, conversions)
 
 
 def arrays_to_uint8(x, y):
@@ -49,23 +50,23 @@ def arrays_to_uint8(x, y):
 
 
 def load_dataset(data, cfg: TrainConfig, input_shape):
-    """(name, x_train, y_train, x_test, y_test, class names) from a name, a folder, a
-    Dataset or an (x, y) pair, converted to the model's input size and colour."""
+    """(name, x_train, y_train, x_test, y_test, class names, notes) from a name, a folder,
+    a Dataset or an (x, y) pair, converted to the model's input size and colour."""
     if isinstance(data, (tuple, list)) and len(data) == 2:
         x, y = arrays_to_uint8(*data)
         n_cls = int(y.max()) + 1 if len(y) else 0
-        return "arrays", x, y, None, None, [str(i) for i in range(n_cls)]
+        return "arrays", x, y, None, None, [str(i) for i in range(n_cls)], []
     if isinstance(data, (str, os.PathLike)):
         data = datasets.load(str(data), data_dir=cfg.data_dir,
                              image_size=tuple(input_shape[:2]), color=color_of(input_shape))
     return (data.name, data.x_train, data.y_train, data.x_test, data.y_test,
-            list(data.class_names))
+            list(data.class_names), list(getattr(data, "notes", [])))
 
 
 def prepare_data(data, cfg: TrainConfig, input_shape, validation_data=None) -> Prepared:
     """Load the dataset, split validation data (or take `validation_data`, an (x, y) pair,
     as Keras' fit does), compute standardization statistics."""
-    name, xt, yt, xs, ys, class_names = load_dataset(data, cfg, input_shape)
+    name, xt, yt, xs, ys, class_names, notes = load_dataset(data, cfg, input_shape)
     if tuple(xt.shape[1:]) != tuple(input_shape):
         raise TrainingError(f"the data's images are {'x'.join(map(str, xt.shape[1:]))} but the "
                             f"model expects {'x'.join(map(str, input_shape))}; build the model "
@@ -100,7 +101,7 @@ def prepare_data(data, cfg: TrainConfig, input_shape, validation_data=None) -> P
         prep = make_preprocessing(channels=input_shape[2])
     as_int = lambda a: None if a is None else np.asarray(a, np.int64)  # noqa: E731
     return Prepared(xt, as_int(yt), xv, as_int(yv), xs, as_int(ys), class_names, name,
-                    val_source, prep)
+                    val_source, prep, notes)
 
 
 def data_name(data) -> str:

@@ -215,6 +215,8 @@ def fit(model, data="mnist-5k", /, *, resume: str | os.PathLike | None = None,
         print(f"Training {model.name} on {prepared.name}: {len(prepared.x_train):,} images, "
               f"{cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}, batch {cfg.batch_size}, "
               f"{cfg.optimizer} lr {cfg.lr:g}, engine {trainer.backend.name}")
+        for note in prepared.notes:
+            print(f"Data: {note}")
         print(f"Validation: {prepared.val_source}")
         if cfg.val_split == 0 and (cfg.early_stopping or cfg.schedule == "plateau"):
             print("Note: early stopping / plateau decisions then look at the test split, so the "
