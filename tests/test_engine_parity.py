@@ -145,6 +145,7 @@ def check_inference(model, x, rng):
         close(g_t, g_n, GRAD_TOL, what + " gradient")
         close(te.layer_output(x, out_layer, pre_activation=pre), out_n, OUT_TOL,
               f"layer_output({out_layer}, pre_activation={pre})")
+        np.testing.assert_array_equal(ne.layer_output(x, out_layer, pre_activation=pre), out_n)
 
 
 def check_training(model, x, rng, loss, label_smoothing):

@@ -108,12 +108,8 @@ def conv_layers(model) -> list[tuple[int, int]]:
 def layer_output(eng, model, x, layer, pre_activation=False, batch_size=256) -> np.ndarray:
     """Output of layer `layer` (NHWC) for preprocessed x, optionally before its activation."""
     shape = model.layer_shapes[layer][1]
-    outs = []
-    for i in range(0, len(x), batch_size):
-        xb = x[i:i + batch_size]
-        seed = np.zeros((len(xb), *shape), np.float32)
-        out, _ = eng.vjp(xb, layer, seed, wrt_layer=layer, pre_activation=pre_activation)
-        outs.append(out)
+    outs = [eng.layer_output(x[i:i + batch_size], layer, pre_activation=pre_activation)
+            for i in range(0, len(x), batch_size)]
     return np.concatenate(outs) if outs else np.zeros((0, *shape), np.float32)
 
 

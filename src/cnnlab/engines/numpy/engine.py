@@ -180,6 +180,16 @@ class NumpyEngine:
             grads.update(layer_grads)
         return value, logits, grads
 
+    def layer_output(self, x, i: int, pre_activation=False):
+        """Output of layer i (NHWC) at inference, before its activation when
+        pre_activation; runs layers 0..i only, with no backward pass."""
+        n = len(self.model.layers)
+        if not -n <= i < n:
+            raise ValueError(f"layer {i}: the model has {n} layers")
+        i %= n
+        out, _ = self._run(x, i, False, lambda j: not (pre_activation and j == i))
+        return out
+
     def vjp(self, x, out_layer: int, seed, wrt_layer: int | None = None,
             pre_activation=False):
         """Vector-Jacobian product at inference.
