@@ -96,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default=None, help="auto (default), cpu or cuda")
     t.add_argument("--engine", choices=["auto", "torch", "numpy"],
                    help="auto (default): torch when installed, else the NumPy engine")
-    t.add_argument("--precision", choices=["fp32", "bf16"], help="bf16: mixed precision")
+    t.add_argument("--precision", choices=["fp32", "bf16", "auto"],
+                   help="bf16: mixed precision; auto: bf16 where the hardware runs it "
+                        "natively (AVX512-BF16/AMX, CUDA bf16), else fp32 (default fp32)")
     t.add_argument("--out", help="run directory (default runs/<model>-<data>-<time>)")
     t.add_argument("--resume", metavar="RUN_DIR",
                    help="continue a run from its checkpoint (with --epochs N: extend it to N)")

@@ -14,7 +14,7 @@ from ..losses import LossError, canonical
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULES = ("constant", "step", "cosine", "onecycle", "plateau")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "auto")
 MONITORS = ("loss", "accuracy", "val_loss", "val_accuracy")
 
 
@@ -54,7 +54,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     engine: str = "auto"                  # auto: torch when installed, else numpy
-    precision: str = "fp32"
+    precision: str = "fp32"               # auto: bf16 where native (cnnlab.hardware), else fp32
     channels_last: bool = True
     out: str | None = None
     verbose: int = 1

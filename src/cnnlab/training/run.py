@@ -63,6 +63,9 @@ class Run:
         t = self.trainer
         config = {"train": asdict(t.cfg), "model": t.model.get_config(),
                   "environment": environment()}
+        choice = getattr(t.backend, "precision", None)
+        if choice is not None:   # what `auto` (or the flag) chose, and why
+            config["precision"] = {"chosen": choice.precision, "reason": choice.reason}
         atomic_write_bytes(self.dir / "config.json", json.dumps(config, indent=2).encode())
 
     def save_checkpoint(self):

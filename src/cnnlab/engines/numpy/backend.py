@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...augment import augment
+from ...hardware import PrecisionChoice
 from ...preprocess import apply
 from ..base import Tally, evaluate_logits
 from .engine import NumpyEngine
@@ -18,6 +19,7 @@ from .optim import make_optimizer
 class NumpyBackend:
     name = "numpy"
     device_info = "NumPy, float32"
+    precision = PrecisionChoice("fp32", "the NumPy engine computes in float32")
 
     def __init__(self, model, cfg, data, loss_kind: str, optim):
         self.model, self.cfg, self.loss_kind = model, cfg, loss_kind

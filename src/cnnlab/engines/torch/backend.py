@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ...hardware import PrecisionChoice, auto_precision
 from ..base import Tally, binary_output, evaluate_logits
 from .engine import TorchNet, export_weights, load_weights, param_names, resolve_device
 
@@ -22,6 +23,13 @@ def make_torch_optimizer(optim, params):
     make = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
             "rmsprop": torch.optim.RMSprop}[name]
     return make(params, lr=lr, **opts)
+
+
+def precision_of(asked: str, device) -> PrecisionChoice:
+    """The precision a run computes in: `auto` decides by the hardware (cnnlab.hardware)."""
+    if asked == "auto":
+        return auto_precision(device)
+    return PrecisionChoice(asked, "asked for")
 
 
 def loss_fn(kind, logits, y, label_smoothing=0.0):
@@ -73,12 +81,13 @@ class TorchBackend:
         self.mean = torch.tensor(prep["mean"], dtype=torch.float32, device=self.device).view(1, c, 1, 1)
         self.inv_std = (1 / torch.tensor(prep["std"], dtype=torch.float32,
                                          device=self.device)).view(1, c, 1, 1)
-        self.autocast = cfg.precision == "bf16"
+        self.precision = precision_of(cfg.precision, self.device)
+        self.autocast = self.precision.precision == "bf16"
         self.sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         self.seen = 0
         kind = "CUDA " + torch.cuda.get_device_name(self.device) if self.device.type == "cuda" \
             else f"CPU, {torch.get_num_threads()} threads"
-        self.device_info = f"{kind}, {cfg.precision}" + \
+        self.device_info = f"{kind}, {self.precision}" + \
             (", channels_last" if self.channels_last else "")
 
     def _images(self, x_uint8: np.ndarray) -> torch.Tensor:
