@@ -174,7 +174,7 @@ def check_training(model, x, rng, loss, label_smoothing):
     for key, g in grads_n.items():
         close(grads_t[key], g, GRAD_TOL, f"gradient of {key}")
     for mod in net:  # moving statistics after the step (NumPy keeps them in float32)
-        for pname in mod.layer.non_trainable_params:
+        for pname in mod.layer.state_params:
             close(getattr(mod, pname).numpy(), model.weights[f"{mod.layer.name}.{pname}"],
                   dict(rtol=1e-6, atol=1e-7), f"{mod.layer.name}.{pname} after a step")
 

@@ -92,7 +92,7 @@ def keras_layers(model):
         elif isinstance(layer, L.BatchNorm):
             out.append((_klayer("BatchNormalization", layer.name, {
                 "axis": -1, "momentum": layer.momentum, "epsilon": layer.epsilon,
-                "center": True, "scale": True}, in_shape), w))
+                "center": layer.center, "scale": layer.scale}, in_shape), w))
         elif isinstance(layer, L.Activation):
             out.append((_klayer("Activation", layer.name, {"activation": layer.activation}),
                         []))
