@@ -18,7 +18,8 @@ EPILOGS = {
   cnnlab train --resume runs/lenet-mnist --epochs 8   # train a finished run further""",
     "evaluate": """examples:
   cnnlab evaluate runs/demo/model.safetensors --data mnist-5k
-  cnnlab evaluate runs/demo --data mnist --json > metrics.json""",
+  cnnlab evaluate runs/demo --data mnist --json > metrics.json
+  cnnlab evaluate runs/airbench --tta 2""",
     "predict": """examples:
   cnnlab predict runs/demo/model.safetensors digit.png other.jpg --top-k 3
   cnnlab predict runs/demo *.png --json""",
@@ -112,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", default=None, help="dataset (default: the one it was trained on)")
     e.add_argument("--data-dir", help="where dataset files are looked for")
     e.add_argument("--json", action="store_true", help="print JSON")
+    e.add_argument("--tta", type=int, nargs="?", const=1, default=0, choices=[0, 1, 2],
+                   help="test-time augmentation: 1 (--tta alone) averages each image with "
+                        "its mirror; 2 adds 1-pixel shifts (airbench's)")
     _add_engine(e)
 
     p = sub.add_parser("predict", help="classify image files", epilog=EPILOGS["predict"],
@@ -265,13 +269,14 @@ def cmd_evaluate(args):
     from .evaluate import evaluate
     model = load_model_arg(args.model)
     res = evaluate(model, _dataset_for(model, args.data), engine=args.engine,
-                   data_dir=args.data_dir or run_data_dir(args.model))
+                   data_dir=args.data_dir or run_data_dir(args.model), tta=args.tta)
     if args.json:
         print(json.dumps({k: res[k] for k in ("accuracy", "top5_accuracy", "loss", "loss_name",
                                               "per_class", "confusion_matrix", "class_names",
-                                              "images") if k in res}))
+                                              "images", "tta") if k in res}))
         return 0
-    print(f"{res['dataset']}: {res['images']:,} test images, engine {res['engine']}")
+    tta = f", test-time augmentation level {args.tta}" if args.tta else ""
+    print(f"{res['dataset']}: {res['images']:,} test images, engine {res['engine']}{tta}")
     top5 = f"   top-5 {res['top5_accuracy']:.4f}" if "top5_accuracy" in res else ""
     print(f"accuracy {res['accuracy']:.4f}{top5}   loss {res['loss']:.4f} "
           f"({res['loss_name']})\n")

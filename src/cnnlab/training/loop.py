@@ -18,11 +18,13 @@ import time
 
 import numpy as np
 
+from ..augment import alternating_flip
 from ..console import EpochProgress
 from ..engines.base import Tally, resolve_engine
 from ..losses import LossError, resolve_loss
 from .config import TrainConfig, TrainingError, optimizer_options, scheduled_lr
 from .data import Prepared
+from .tricks import Lookahead
 
 
 def step_seed(seed: int, epoch: int, step: int = -1) -> int:
@@ -105,6 +107,11 @@ class Trainer:
         self.stopped_early = False
         self.on_epoch_end = lambda trainer: None     # the run writes its files here
         self.on_interrupt = lambda trainer: None
+        self.lookahead = None   # its average is checkpointed with the run (tensors "ema.*")
+        if cfg.lookahead:
+            self.lookahead = Lookahead(**cfg.lookahead)
+            self.lookahead.start(self.backend.export_weights())
+        self.alternate_flip = (cfg.augment or {}).get("flip") == "alternate"
 
     @property
     def total_steps(self) -> int:
@@ -168,8 +175,12 @@ class Trainer:
                 idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
                 be.set_lr(scheduled_lr(cfg, epoch * self.steps + s, self.total_steps, epoch,
                                        self.plateau["factor"]))
-                be.train_step(idx, step_seed(cfg.seed, epoch, s))
+                extra = {"flip": alternating_flip(cfg.seed, epoch, idx, len(d.x_train))} \
+                    if self.alternate_flip else {}
+                be.train_step(idx, step_seed(cfg.seed, epoch, s), **extra)
                 self.step_in_epoch = s + 1
+                if self.lookahead is not None:
+                    self.lookahead.after_step(be, epoch * self.steps + s + 1, self.total_steps)
                 if progress.live and (s % 10 == 9 or s + 1 == self.steps):
                     self.partial += be.collect()
                     progress.update(s + 1, self.logs(self.partial))

@@ -172,18 +172,21 @@ class NumpyEngine:
             out.append((layer.name, h))
         return out
 
-    def loss_and_grads(self, x, y, loss="softmax_ce", label_smoothing=0.0):
+    def loss_and_grads(self, x, y, loss="softmax_ce", label_smoothing=0.0, reduction="mean"):
         """Training-mode forward and backward on one batch.
 
         BatchNorm normalizes with the batch statistics and updates its moving statistics
         in model.weights; Dropout draws masks from self.rng. y: integer labels (N,)
         (or one-hot rows). Returns (loss, logits, grads) with grads
         {"<layer>.<param>": array} for every trainable parameter, in Keras layout.
+        loss is the batch mean; reduction="sum" gives the gradients of the sum (N times).
         """
         n = len(self.model.layers)
         logits, caches = self._run(x, n - 1, True, self._logits_mask())
         kind = loss if loss in KINDS else resolve_loss(loss, self.model)
         value, g = self.ops.loss_on_logits(kind, logits, y, label_smoothing)
+        if reduction == "sum":
+            g = g * g.dtype.type(len(logits))
         grads = {}
         for i in range(n - 1, -1, -1):
             g, layer_grads = self._backward(i, g, caches[i], need_dx=i > 0)
