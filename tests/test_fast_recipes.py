@@ -528,3 +528,44 @@ def test_cli_evaluate_with_tta(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "cnnlab.cli", "evaluate", "x", "--tta", "5"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "invalid choice: 5" in bad.stderr
+
+
+# the airbench recipe ---------------------------------------------------------------------
+from conftest import SHARED_DATASETS  # noqa: E402
+
+needs_cifar = pytest.mark.skipif(not (SHARED_DATASETS / "cifar10").is_dir(),
+                                 reason=f"CIFAR-10 not found at {SHARED_DATASETS}")
+
+
+def test_airbench_architecture_as_the_record_has_it():
+    from cnnlab import zoo
+    model = zoo.build("airbench")
+    assert model.count_params() == (1_973_920, 1_971_328, 2_592)
+    assert [s[1][:2] for s in model.layer_shapes if len(s[1]) == 3][:5] == \
+        [(31, 31), (31, 31), (31, 31), (15, 15), (15, 15)]
+    assert model.layers[0].trainable is False and model.layers[-2].scale == 1 / 9
+    recipe = zoo.recipe("airbench")
+    TrainConfig.from_dict({k: v for k, v in recipe.items() if k != "description"}).check()
+
+
+@needs_cifar
+def test_airbench_recipe_trains_and_the_numpy_engine_evaluates_it(tmp_path):
+    from cnnlab import datasets, load, zoo
+    from cnnlab.evaluate import evaluate
+    ds = datasets.load("cifar10", data_dir=SHARED_DATASETS, download=False)
+    sub = datasets.Dataset(ds.name, ds.x_train[:256], ds.y_train[:256], ds.x_test[:64],
+                           ds.y_test[:64], ds.class_names, ds.source)
+    recipe = {k: v for k, v in zoo.recipe("airbench").items() if k not in ("description",)}
+    recipe.update(epochs=4, batch_size=64, precision="fp32", engine="torch", device="cpu",
+                  whiten={"images": 256, "eps": 5e-4}, out=str(tmp_path / "run"), verbose=0)
+    model = zoo.build("airbench")
+    hist = fit(model, sub, **recipe)
+    losses = [h["loss"] for h in hist]
+    assert losses[-1] < losses[0] - 0.1, losses
+    saved = load(tmp_path / "run")           # an ordinary model file
+    w = saved.weights["whiten.kernel"]
+    assert np.abs(w[..., :12] + w[..., 12:]).max() == 0      # whitening filters and negatives
+    by_numpy = evaluate(saved, (sub.x_test, sub.y_test), engine="numpy", tta=1)
+    by_torch = evaluate(saved, (sub.x_test, sub.y_test), engine="torch", tta=1)
+    assert by_numpy["loss"] == pytest.approx(by_torch["loss"], rel=1e-3)
+    assert abs(by_numpy["accuracy"] - by_torch["accuracy"]) <= 1 / 64
