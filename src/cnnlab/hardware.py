@@ -63,13 +63,13 @@ def choose_precision(device_type: str, flags=frozenset(), cuda_bf16: bool = Fals
     """
     if device_type == "cuda":
         if cuda_bf16:
-            return PrecisionChoice("bf16", "the CUDA device supports bf16")
-        return PrecisionChoice("fp32", "the CUDA device has no bf16 support")
+            return PrecisionChoice("bf16", "auto: the CUDA device supports bf16")
+        return PrecisionChoice("fp32", "auto: the CUDA device has no bf16 support")
     native = [f for f in BF16_CPU_FLAGS if f in flags]
     if native:
-        return PrecisionChoice("bf16", f"CPU has native bf16 ({', '.join(native)})")
-    return PrecisionChoice("fp32", "CPU has no native bf16 (no avx512_bf16 or amx_bf16 "
-                                   "flag); emulated bf16 would be slower")
+        return PrecisionChoice("bf16", f"auto: native bf16 on this CPU, {', '.join(native)}")
+    return PrecisionChoice("fp32", "auto: no native bf16 on this CPU (neither avx512_bf16 nor "
+                                   "amx_bf16), where emulated bf16 would be slower")
 
 
 def auto_precision(device) -> PrecisionChoice:
