@@ -96,8 +96,12 @@ def keras_layers(model):
         elif isinstance(layer, L.Activation):
             out.append((_klayer("Activation", layer.name, {"activation": layer.activation}),
                         []))
+        elif isinstance(layer, L.Rescaling):
+            out.append((_klayer("Rescaling", layer.name, {"scale": layer.scale,
+                                                          "offset": layer.offset}), []))
         else:
             raise InteropError(f"layer {layer.name!r} ({layer.type}) has no Keras export")
+        out[-1][0]["config"]["trainable"] = layer.trainable
     return out
 
 

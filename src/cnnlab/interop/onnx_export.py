@@ -150,6 +150,11 @@ def build_onnx(model, layout="NHWC"):
                                 wt["moving_mean"].shape, float(p == "gamma"), np.float32))
                             for p in ("gamma", "beta", "moving_mean", "moving_variance")],
                      layer.name, epsilon=layer.epsilon)
+        elif isinstance(layer, L.Rescaling):   # y = x * scale + offset
+            x = g.op("Mul", [x, g.const(f"{layer.name}_scale", np.float32(layer.scale))])
+            if layer.offset:
+                x = g.op("Add", [x, g.const(f"{layer.name}_offset", np.float32(layer.offset))],
+                         layer.name)
         elif isinstance(layer, (L.Dropout, L.Activation)):
             pass
         else:
