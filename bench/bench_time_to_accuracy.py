@@ -155,10 +155,12 @@ def write_results(store):
     for r in store["throughput"]:
         tp.append(f"| {r['model']} | {r['precision']} | {r['batch']} | {r['images_per_s']:.0f} "
                   f"| {r['device']} | {r['date'][:10]} | {r['note'] or ''} |")
+    notes = "".join(f"- {n}\n" for n in store.get("observations", []))
+    notes = f"\n\nObservations (kept in {STORE.name}):\n\n{notes.rstrip()}" if notes else ""
     body = (f"{cpu_line()}\n\nWall time includes data loading, whitening and every epoch's "
             f"evaluation; 'train images/s' counts the epochs' time (training and validation).\n\n"
             + "\n".join(rows) + "\n\nTraining throughput of the loop's step (random data, the "
-            "recipe's options, after warm-up steps):\n\n" + "\n".join(tp)
+            "recipe's options, after warm-up steps):\n\n" + "\n".join(tp) + notes
             + f"\n\n![accuracy against time]({FIGURE.name})\n\nReproduce: "
             "`.venv/bin/python bench/bench_time_to_accuracy.py airbench:cifar10 --seeds 0,1,2` "
             "and `--throughput airbench --precisions fp32,bf16`")
@@ -180,7 +182,11 @@ def main():
     ap.add_argument("--precisions", default="fp32,bf16")
     ap.add_argument("--note", default="", help="a remark stored with the runs (e.g. load)")
     ap.add_argument("--verbose", type=int, default=2)
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     store = load_store()
     if args.throughput:
         for prec in args.precisions.split(","):
