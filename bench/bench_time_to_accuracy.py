@@ -70,7 +70,7 @@ def time_run(model_name, data, args, seed):
     train_seconds = sum(h["seconds"] for h in hist)
     tta = None
     if args.tta:
-        res = evaluate(model, ds, tta=args.tta)
+        res = evaluate(model, ds, tta=args.tta, precision=recipe.get("precision", "fp32"))
         tta = res["accuracy"]
         curve.append((round(time.perf_counter() - t0, 2), tta))
     precision = recipe.get("precision", "fp32")

@@ -570,3 +570,18 @@ def test_airbench_recipe_trains_and_the_numpy_engine_evaluates_it(tmp_path):
     by_torch = evaluate(saved, (sub.x_test, sub.y_test), engine="torch", tta=1)
     assert by_numpy["loss"] == pytest.approx(by_torch["loss"], rel=1e-3)
     assert abs(by_numpy["accuracy"] - by_torch["accuracy"]) <= 1 / 64
+
+
+def test_evaluate_in_bf16_is_close_to_fp32():
+    from cnnlab.evaluate import evaluate
+    model = Sequential([L.Input((8, 8, 3)), L.Conv2D(8, 3, activation="gelu"),
+                        L.GlobalAvgPool2D(), L.Dense(4, activation="softmax")])
+    model.init_weights(1)
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (64, 8, 8, 3), dtype=np.uint8), rng.integers(0, 4, 64)
+    fp32 = evaluate(model, (x, y), engine="torch")
+    bf16 = evaluate(model, (x, y), engine="torch", precision="bf16")
+    assert bf16["loss"] != fp32["loss"]                      # it did run in bf16
+    assert bf16["loss"] == pytest.approx(fp32["loss"], rel=2e-2)
+    with pytest.raises(ValueError, match="tta must be one of 0, 1, 2"):
+        evaluate(model, (x, y), tta=4)

@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tta", type=int, nargs="?", const=1, default=0, choices=[0, 1, 2],
                    help="test-time augmentation: 1 (--tta alone) averages each image with "
                         "its mirror; 2 adds 1-pixel shifts (airbench's)")
+    e.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32",
+                   help="torch engine: bf16 autocast, or auto (bf16 where native)")
     _add_engine(e)
 
     p = sub.add_parser("predict", help="classify image files", epilog=EPILOGS["predict"],
@@ -269,7 +271,8 @@ def cmd_evaluate(args):
     from .evaluate import evaluate
     model = load_model_arg(args.model)
     res = evaluate(model, _dataset_for(model, args.data), engine=args.engine,
-                   data_dir=args.data_dir or run_data_dir(args.model), tta=args.tta)
+                   data_dir=args.data_dir or run_data_dir(args.model), tta=args.tta,
+                   precision=args.precision)
     if args.json:
         print(json.dumps({k: res[k] for k in ("accuracy", "top5_accuracy", "loss", "loss_name",
                                               "per_class", "confusion_matrix", "class_names",

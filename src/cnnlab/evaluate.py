@@ -12,6 +12,7 @@ from . import datasets, metrics
 from .augment import TTA_LEVELS, tta_logits
 from .engines import get_engine
 from .engines.base import evaluate_logits, predicted_classes
+from .hardware import auto_precision
 from .inputs import as_batch, color_of, model_input
 from .losses import loss_of, resolve_loss
 
@@ -35,16 +36,20 @@ def _test_split(model, data, data_dir=None):
 
 
 def evaluate(model, data="mnist-5k", *, engine="auto", batch_size=256, data_dir=None,
-             tta: int = 0) -> dict:
+             tta: int = 0, precision: str = "fp32") -> dict:
     """{"accuracy", "loss", "loss_name", "top5_accuracy" (over 5 classes), "per_class",
     "confusion_matrix", "class_names", "most_confused", "tta", ...} on the test split.
 
     tta: test-time augmentation (cnnlab.augment.tta_logits): 0 none, 1 the mean logits of
-    each image and its mirror, 2 also of 1-pixel shifts (airbench's)."""
+    each image and its mirror, 2 also of 1-pixel shifts (airbench's).
+    precision: "bf16" runs the torch engine's forward under bf16 autocast, "auto" where the
+    hardware runs bf16 natively (cnnlab.hardware); the NumPy engine computes in float32."""
     if tta not in TTA_LEVELS:
         raise ValueError(f"tta must be one of {', '.join(map(str, TTA_LEVELS))}, got {tta!r}")
     x, y, names, name = _test_split(model, data, data_dir)
     eng = get_engine(model, engine)
+    if eng.name == "torch" and precision != "fp32":
+        eng.precision = precision if precision != "auto" else auto_precision(eng.device).precision
     loss_name = loss_of(model)
     kind = resolve_loss(loss_name, model)
     chunk = 2048
