@@ -40,11 +40,12 @@ def test_every_zoo_model_builds_and_counts_by_formula():
         expected = 0
         for layer, (i, o) in zip(m.layers, m.layer_shapes):
             if isinstance(layer, Conv2D):
-                expected += math.prod(layer.kernel_size) * i[-1] * layer.filters + layer.filters
+                expected += math.prod(layer.kernel_size) * i[-1] * layer.filters + \
+                    layer.filters * layer.use_bias
             elif isinstance(layer, Dense):
-                expected += i[0] * layer.units + layer.units
+                expected += i[0] * layer.units + layer.units * layer.use_bias
             elif isinstance(layer, BatchNorm):
-                expected += 4 * i[-1]
+                expected += (2 + layer.center + layer.scale) * i[-1]
         assert m.count_params()[0] == expected, name
         assert m.output_shape == (10,)
 

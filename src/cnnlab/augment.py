@@ -7,7 +7,9 @@ Keys (all optional; absent, 0 or False = off):
     translate  float < 1: max shift as a fraction of height/width (continuous),
                int: max shift in pixels (whole pixels, drawn per image and axis)
     fill       'reflect' (default) or 'zero': what shows where the image moved away
-    flip       bool: mirror left-right with probability 1/2
+    flip       true: mirror left-right with probability 1/2;
+               'alternate': each image mirrored in every other epoch (alternating_flip),
+               applied by the training loop, which knows the epoch and the images' indices
     rotate     degrees: angle drawn uniformly in [-rotate, rotate]
     zoom       fraction: scale drawn uniformly in [1 - zoom, 1 + zoom]
     noise      std of added Gaussian noise (not clipped)
@@ -98,10 +100,10 @@ def check_augment(config) -> dict:
             out["crop"] = c
     f = config.get("flip")
     if f is not None:
-        if not isinstance(f, bool):
-            raise AugmentError(f"augment 'flip' must be true or false, got {f!r}")
+        if not isinstance(f, bool) and f != "alternate":
+            raise AugmentError(f"augment 'flip' must be true, false or 'alternate', got {f!r}")
         if f:
-            out["flip"] = True
+            out["flip"] = f
     fill = config.get("fill", "reflect")
     if fill not in FILLS:
         raise AugmentError(f"augment 'fill' must be one of {', '.join(FILLS)}, got {fill!r}")
@@ -131,7 +133,7 @@ def draw(cfg: dict, shape, rng) -> dict:
     if "crop" in cfg:
         p = cfg["crop"]
         d["crop"] = (rng.integers(0, 2 * p + 1, n), rng.integers(0, 2 * p + 1, n))
-    if cfg.get("flip"):
+    if cfg.get("flip") is True:
         d["flip"] = rng.random(n) < 0.5
     if any(k in cfg for k in AFFINE):
         angle = _uniform(rng, n, math.radians(cfg["rotate"])) if "rotate" in cfg else np.zeros(n)
@@ -153,7 +155,7 @@ def draw(cfg: dict, shape, rng) -> dict:
 
 
 def _active(cfg):
-    return any(k in cfg for k in ("crop", "flip", *AFFINE, "noise"))
+    return any(k in cfg for k in ("crop", *AFFINE, "noise")) or cfg.get("flip") is True
 
 
 def _check_crop(cfg, h, w):
@@ -280,3 +282,60 @@ def _augment_torch(x, config, rng):
     if channels_last:
         out = out.contiguous(memory_format=torch.channels_last)
     return out
+
+
+# --------------------------------------------------------------------------------------
+# Alternating flip and test-time augmentation
+# --------------------------------------------------------------------------------------
+def alternating_flip(seed: int, epoch: int, idx, n_images: int) -> np.ndarray:
+    """Which of the images `idx` (indices into a training set of n_images) are mirrored in
+    `epoch`: a fixed random half in even epochs, the other half in odd ones,
+
+        flip(i, epoch) = base(i) XOR (epoch is odd),  base(i) ~ Bernoulli(1/2) from seed,
+
+    so every image is seen mirrored exactly once in any two consecutive epochs. A function
+    of (seed, epoch, idx) only: a resumed run draws the same flips."""
+    base = np.random.default_rng([int(seed), 0x5EED_F11B]).random(n_images) < 0.5
+    return base[np.asarray(idx)] ^ bool(epoch % 2)
+
+
+def flip_images(x, mask):
+    """Mirror left-right the images where mask is true: NumPy (N, H, W, C) or torch
+    (N, C, H, W)."""
+    if isinstance(x, np.ndarray):
+        return np.where(np.asarray(mask)[:, None, None, None], x[:, :, ::-1], x)
+    import torch
+    m = torch.as_tensor(np.asarray(mask), device=x.device)[:, None, None, None]
+    out = torch.where(m, x.flip(3), x)
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
+TTA_LEVELS = (0, 1, 2)
+
+
+def tta_logits(logits_of, x, level: int = 1):
+    """Test-time augmentation of a float NHWC batch x; logits_of(batch) -> logits.
+
+    level 0: logits_of(x). level 1: the mean over x and its mirror image,
+        t1(x) = (f(x) + f(mirror x)) / 2.
+    level 2 (airbench's): half that, half the mean over the two diagonal 1-pixel shifts
+    (reflect padding: x moved down-right, and up-left), each with its mirror,
+        t2(x) = t1(x) / 2 + (t1(shift_dr x) + t1(shift_ul x)) / 4."""
+    if level not in TTA_LEVELS:
+        raise ValueError(f"TTA level must be one of {TTA_LEVELS}, got {level!r}")
+    x = np.asarray(x)
+
+    def t1(v):
+        return 0.5 * (np.asarray(logits_of(v), np.float64)
+                      + np.asarray(logits_of(np.ascontiguousarray(v[:, :, ::-1])), np.float64))
+    if level == 0:
+        return np.asarray(logits_of(x))
+    if level == 1:
+        return t1(x)
+    h, w = x.shape[1:3]
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+    down_right, up_left = padded[:, :h, :w], padded[:, 2:, 2:]
+    return 0.5 * t1(x) + 0.25 * (t1(np.ascontiguousarray(down_right))
+                                 + t1(np.ascontiguousarray(up_left)))

@@ -19,7 +19,8 @@ EPILOGS = {
   cnnlab train --resume runs/lenet-mnist --epochs 8   # train a finished run further""",
     "evaluate": """examples:
   cnnlab evaluate runs/demo/model.safetensors --data mnist-5k
-  cnnlab evaluate runs/demo --data mnist --json > metrics.json""",
+  cnnlab evaluate runs/demo --data mnist --json > metrics.json
+  cnnlab evaluate runs/airbench --tta 2""",
     "predict": """examples:
   cnnlab predict runs/demo/model.safetensors digit.png other.jpg --top-k 3
   cnnlab predict runs/demo *.png --json""",
@@ -97,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default=None, help="auto (default), cpu or cuda")
     t.add_argument("--engine", choices=["auto", "torch", "numpy"],
                    help="auto (default): torch when installed, else the NumPy engine")
-    t.add_argument("--precision", choices=["fp32", "bf16"], help="bf16: mixed precision")
+    t.add_argument("--precision", choices=["fp32", "bf16", "auto"],
+                   help="bf16: mixed precision; auto: bf16 where the hardware runs it "
+                        "natively (AVX512-BF16/AMX, CUDA bf16), else fp32 (default fp32)")
     t.add_argument("--out", help="run directory (default runs/<model>-<data>-<time>)")
     t.add_argument("--resume", metavar="RUN_DIR",
                    help="continue a run from its checkpoint (with --epochs N: extend it to N)")
@@ -111,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", default=None, help="dataset (default: the one it was trained on)")
     e.add_argument("--data-dir", help="where dataset files are looked for")
     e.add_argument("--json", action="store_true", help="print JSON")
+    e.add_argument("--tta", type=int, nargs="?", const=1, default=0, choices=[0, 1, 2],
+                   help="test-time augmentation: 1 (--tta alone) averages each image with "
+                        "its mirror; 2 adds 1-pixel shifts (airbench's)")
+    e.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32",
+                   help="torch engine: bf16 autocast, or auto (bf16 where native)")
     _add_engine(e)
 
     p = sub.add_parser("predict", help="classify image files", epilog=EPILOGS["predict"],
@@ -246,13 +254,15 @@ def cmd_evaluate(args):
     from .evaluate import evaluate
     model = load_model_arg(args.model)
     res = evaluate(model, _dataset_for(model, args.data), engine=args.engine,
-                   data_dir=args.data_dir or run_data_dir(args.model))
+                   data_dir=args.data_dir or run_data_dir(args.model), tta=args.tta,
+                   precision=args.precision)
     if args.json:
         print(json.dumps({k: res[k] for k in ("accuracy", "top5_accuracy", "loss", "loss_name",
                                               "per_class", "confusion_matrix", "class_names",
-                                              "images") if k in res}))
+                                              "images", "tta") if k in res}))
         return 0
-    print(f"{res['dataset']}: {res['images']:,} test images, engine {res['engine']}")
+    tta = f", test-time augmentation level {args.tta}" if args.tta else ""
+    print(f"{res['dataset']}: {res['images']:,} test images, engine {res['engine']}{tta}")
     top5 = f"   top-5 {res['top5_accuracy']:.4f}" if "top5_accuracy" in res else ""
     print(f"accuracy {res['accuracy']:.4f}{top5}   loss {res['loss']:.4f} "
           f"({res['loss_name']})\n")

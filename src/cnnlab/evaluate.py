@@ -9,8 +9,10 @@ from __future__ import annotations
 import numpy as np
 
 from . import datasets, metrics
+from .augment import TTA_LEVELS, tta_logits
 from .engines import get_engine
 from .engines.base import evaluate_logits, predicted_classes
+from .hardware import auto_precision
 from .inputs import as_batch, color_of, model_input
 from .losses import loss_of, resolve_loss
 
@@ -33,15 +35,25 @@ def _test_split(model, data, data_dir=None):
     return x, data.y_test, list(data.class_names), data.name
 
 
-def evaluate(model, data="mnist-5k", *, engine="auto", batch_size=256, data_dir=None) -> dict:
+def evaluate(model, data="mnist-5k", *, engine="auto", batch_size=256, data_dir=None,
+             tta: int = 0, precision: str = "fp32") -> dict:
     """{"accuracy", "loss", "loss_name", "top5_accuracy" (over 5 classes), "per_class",
-    "confusion_matrix", "class_names", "most_confused", ...} on the test split."""
+    "confusion_matrix", "class_names", "most_confused", "tta", ...} on the test split.
+
+    tta: test-time augmentation (cnnlab.augment.tta_logits): 0 none, 1 the mean logits of
+    each image and its mirror, 2 also of 1-pixel shifts (airbench's).
+    precision: "bf16" runs the torch engine's forward under bf16 autocast, "auto" where the
+    hardware runs bf16 natively (cnnlab.hardware); the NumPy engine computes in float32."""
+    if tta not in TTA_LEVELS:
+        raise ValueError(f"tta must be one of {', '.join(map(str, TTA_LEVELS))}, got {tta!r}")
     x, y, names, name = _test_split(model, data, data_dir)
     eng = get_engine(model, engine)
+    if eng.name == "torch" and precision != "fp32":
+        eng.precision = precision if precision != "auto" else auto_precision(eng.device).precision
     loss_name = loss_of(model)
     kind = resolve_loss(loss_name, model)
     chunk = 2048
-    logits = [eng.forward(model_input(model, x[i:i + chunk]))
+    logits = [tta_logits(eng.forward, model_input(model, x[i:i + chunk]), tta)
               for i in range(0, len(x), chunk)]
     z = np.concatenate(logits) if logits else np.zeros((0, model.output_shape[-1]), np.float32)
     res = evaluate_logits(model, lambda zb: zb, z, y, kind, batch_size=len(z) or 1)
@@ -49,7 +61,7 @@ def evaluate(model, data="mnist-5k", *, engine="auto", batch_size=256, data_dir=
     k = max(model.num_classes, len(names))
     names = list(names) + [str(i) for i in range(len(names), k)]
     cm = metrics.confusion_matrix(y, pred, k)
-    return {"dataset": name, "images": int(len(y)), "engine": eng.name,
+    return {"dataset": name, "images": int(len(y)), "engine": eng.name, "tta": tta,
             **res, "loss_name": loss_name,
             "per_class": metrics.per_class(cm, names),
             "confusion_matrix": cm.tolist(), "class_names": names,

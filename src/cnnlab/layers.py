@@ -9,6 +9,10 @@ Keras, and weights use Keras' layouts:
     Conv2D     kernel (kh, kw, in, out), bias (out,)
     Dense      kernel (in, out),         bias (out,)
     BatchNorm  gamma, beta, moving_mean, moving_variance, each (C,)
+
+Every layer takes `trainable` (Keras' flag): a layer built with trainable=False keeps its
+weights as they are in training (the optimizer skips them), and they count as
+non-trainable parameters, as Keras prints them.
 """
 from __future__ import annotations
 
@@ -84,18 +88,35 @@ def conv_output_size(n: int, k: int, s: int, before: int, after: int) -> int:
 
 
 class Layer:
-    """Base description. Subclasses set `type` and implement `output_shape`."""
+    """Base description. Subclasses set `type` and implement `output_shape`.
+
+    weight_params: the parameters gradients reach (kernel, bias, gamma, beta);
+    state_params: those training updates without gradients (BatchNorm's moving statistics).
+    trainable_params / non_trainable_params split them as Keras counts them: a layer with
+    trainable=False has all its parameters non-trainable.
+    """
     type = "Layer"
     default_name = "layer"
-    trainable_params: tuple[str, ...] = ()
-    non_trainable_params: tuple[str, ...] = ()
+    weight_params: tuple[str, ...] = ()
+    state_params: tuple[str, ...] = ()
 
-    def __init__(self, name: str | None = None):
+    def __init__(self, name: str | None = None, trainable: bool = True):
         if name is not None and (not isinstance(name, str) or not name
                                  or any(c in name for c in " ./")):
             raise ModelError(f"layer name must be a non-empty string without spaces, "
                              f"dots or slashes, got {_short(name)}")
+        if not isinstance(trainable, bool):
+            raise ModelError(f"trainable must be true or false, got {_short(trainable)}")
         self.name = name
+        self.trainable = trainable
+
+    @property
+    def trainable_params(self) -> tuple[str, ...]:
+        return self.weight_params if self.trainable else ()
+
+    @property
+    def non_trainable_params(self) -> tuple[str, ...]:
+        return self.state_params if self.trainable else self.weight_params + self.state_params
 
     # configuration --------------------------------------------------------
     def get_config(self) -> dict:
@@ -113,11 +134,13 @@ class Layer:
         return sum(math.prod(s) for s in self.param_shapes(input_shape).values())
 
     def __repr__(self):
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        config = self.get_config() if self.trainable else {**self.get_config(), "trainable": False}
+        args = ", ".join(f"{k}={v!r}" for k, v in config.items())
         return f"{self.type}({args})"
 
     def __eq__(self, other):
         return (type(self) is type(other) and self.name == other.name
+                and self.trainable == other.trainable
                 and self.get_config() == other.get_config())
 
 
@@ -132,8 +155,8 @@ class Input(Layer):
     type = "Input"
     default_name = "input"
 
-    def __init__(self, shape, name=None):
-        super().__init__(name)
+    def __init__(self, shape, name=None, trainable=True):
+        super().__init__(name, trainable)
         if not (isinstance(shape, (tuple, list)) and len(shape) in (1, 3)
                 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)):
             raise ModelError(f"Input shape must be (H, W, C) of positive ints, got {_short(shape)}")
@@ -154,11 +177,11 @@ class Conv2D(Layer):
     """
     type = "Conv2D"
     default_name = "conv2d"
-    trainable_params = ("kernel", "bias")
+    weight_params = ("kernel", "bias")
 
     def __init__(self, filters, kernel_size, strides=1, padding="valid", activation=None,
-                 use_bias=True, name=None):
-        super().__init__(name)
+                 use_bias=True, name=None, trainable=True):
+        super().__init__(name, trainable)
         if not isinstance(filters, int) or isinstance(filters, bool) or filters < 1:
             raise ModelError(f"Conv2D filters must be a positive int, got {_short(filters)}")
         self.filters = filters
@@ -171,7 +194,7 @@ class Conv2D(Layer):
         self.activation = _check_activation(activation)
         self.use_bias = bool(use_bias)
         if not self.use_bias:
-            self.trainable_params = ("kernel",)
+            self.weight_params = ("kernel",)
 
     def get_config(self):
         return {"filters": self.filters, "kernel_size": list(self.kernel_size),
@@ -209,8 +232,8 @@ class _Pool2D(Layer):
     'same' pads as Conv2D 'same'; padded cells never win a max and are not
     counted in an average (Keras behaviour).
     """
-    def __init__(self, pool_size=2, strides=None, padding="valid", name=None):
-        super().__init__(name)
+    def __init__(self, pool_size=2, strides=None, padding="valid", name=None, trainable=True):
+        super().__init__(name, trainable)
         self.pool_size = _pair(pool_size, "pool_size")
         self.strides = self.pool_size if strides is None else _pair(strides, "strides")
         if min(self.pool_size) < 1 or min(self.strides) < 1:
@@ -276,17 +299,17 @@ class Dense(Layer):
     """y = activation(x @ W + b). Params: in*units + units."""
     type = "Dense"
     default_name = "dense"
-    trainable_params = ("kernel", "bias")
+    weight_params = ("kernel", "bias")
 
-    def __init__(self, units, activation=None, use_bias=True, name=None):
-        super().__init__(name)
+    def __init__(self, units, activation=None, use_bias=True, name=None, trainable=True):
+        super().__init__(name, trainable)
         if not isinstance(units, int) or isinstance(units, bool) or units < 1:
             raise ModelError(f"Dense units must be a positive int, got {_short(units)}")
         self.units = units
         self.activation = _check_activation(activation)
         self.use_bias = bool(use_bias)
         if not self.use_bias:
-            self.trainable_params = ("kernel",)
+            self.weight_params = ("kernel",)
 
     def get_config(self):
         return {"units": self.units, "activation": self.activation, "use_bias": self.use_bias}
@@ -309,8 +332,8 @@ class Dropout(Layer):
     type = "Dropout"
     default_name = "dropout"
 
-    def __init__(self, rate, name=None):
-        super().__init__(name)
+    def __init__(self, rate, name=None, trainable=True):
+        super().__init__(name, trainable)
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
             raise ModelError(f"Dropout rate must be in [0, 1), got {_short(rate)}")
         self.rate = float(rate)
@@ -327,29 +350,56 @@ class BatchNorm(Layer):
     Keras convention: moving = momentum * moving + (1 - momentum) * batch_stat, so
     momentum=0.99 keeps 99% of the old value (PyTorch's momentum=0.01). The moving
     variance is updated with the unbiased batch variance, as PyTorch does.
-    Params: 4*C (gamma, beta trainable; moving_mean, moving_variance not).
+    center=False: no beta (y has no offset); scale=False: no gamma (gamma = 1), as Keras.
+    Params: 4*C (gamma, beta trainable; moving_mean, moving_variance not), C fewer for
+    each of center/scale turned off.
     """
     type = "BatchNorm"
     default_name = "batch_normalization"
-    trainable_params = ("gamma", "beta")
-    non_trainable_params = ("moving_mean", "moving_variance")
+    state_params = ("moving_mean", "moving_variance")
 
-    def __init__(self, momentum=0.99, epsilon=1e-3, name=None):
-        super().__init__(name)
+    def __init__(self, momentum=0.99, epsilon=1e-3, center=True, scale=True, name=None,
+                 trainable=True):
+        super().__init__(name, trainable)
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) \
                 or not 0 <= momentum < 1:
             raise ModelError(f"BatchNorm momentum must be in [0, 1), got {_short(momentum)}")
         if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or epsilon <= 0:
             raise ModelError(f"BatchNorm epsilon must be > 0, got {_short(epsilon)}")
+        for what, v in (("center", center), ("scale", scale)):
+            if not isinstance(v, bool):
+                raise ModelError(f"BatchNorm {what} must be true or false, got {_short(v)}")
         self.momentum = float(momentum)
         self.epsilon = float(epsilon)
+        self.center, self.scale = center, scale
+        self.weight_params = ("gamma",) * scale + ("beta",) * center
 
     def get_config(self):
-        return {"momentum": self.momentum, "epsilon": self.epsilon}
+        config = {"momentum": self.momentum, "epsilon": self.epsilon}
+        if not (self.center and self.scale):   # files of models without them stay as before
+            config.update(center=self.center, scale=self.scale)
+        return config
 
     def param_shapes(self, input_shape):
         c = (input_shape[-1],)
-        return {"gamma": c, "beta": c, "moving_mean": c, "moving_variance": c}
+        return {p: c for p in self.weight_params + self.state_params}
+
+
+class Rescaling(Layer):
+    """y = x * scale + offset (Keras' Rescaling), element-wise; no parameters.
+    dy/dx = scale."""
+    type = "Rescaling"
+    default_name = "rescaling"
+
+    def __init__(self, scale, offset=0.0, name=None, trainable=True):
+        super().__init__(name, trainable)
+        for what, v in (("scale", scale), ("offset", offset)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ModelError(f"Rescaling {what} must be a finite number, got {_short(v)}")
+        self.scale, self.offset = float(scale), float(offset)
+
+    def get_config(self):
+        return {"scale": self.scale, "offset": self.offset}
 
 
 class Activation(Layer):
@@ -357,8 +407,8 @@ class Activation(Layer):
     type = "Activation"
     default_name = "activation"
 
-    def __init__(self, activation, name=None):
-        super().__init__(name)
+    def __init__(self, activation, name=None, trainable=True):
+        super().__init__(name, trainable)
         if activation is None:
             raise ModelError(f"Activation needs a name; allowed: {', '.join(ACTIVATIONS)}")
         self.activation = _check_activation(activation)
@@ -369,7 +419,7 @@ class Activation(Layer):
 
 LAYER_TYPES = {cls.type: cls for cls in (Input, Conv2D, MaxPool2D, AvgPool2D, GlobalAvgPool2D,
                                          GlobalMaxPool2D, Flatten, Dense, Dropout, BatchNorm,
-                                         Activation)}
+                                         Activation, Rescaling)}
 # Keras spellings users already know.
 ALIASES = {"InputLayer": "Input", "Convolution2D": "Conv2D", "MaxPooling2D": "MaxPool2D",
            "AveragePooling2D": "AvgPool2D", "AvgPooling2D": "AvgPool2D",
@@ -381,8 +431,9 @@ GlobalAveragePooling2D, GlobalMaxPooling2D = GlobalAvgPool2D, GlobalMaxPool2D
 
 def from_config(item: dict) -> Layer:
     """A layer from its description, in either shape:
-    {"type": "Conv2D", "name": ..., "config": {"filters": 8, ...}} (what to_config writes) or
-    flat, {"type": "Conv2D", "filters": 8, "kernel_size": 3, ...}. Keras' class names are
+    {"type": "Conv2D", "name": ..., "config": {"filters": 8, ...}} (what to_config writes,
+    with "trainable": false for a frozen layer) or flat, {"type": "Conv2D", "filters": 8,
+    "kernel_size": 3, ...}. Keras' class names are
     accepted. Unknown or missing arguments raise ModelError naming them."""
     if not isinstance(item, dict) or "type" not in item:
         raise ModelError(f"each layer must be an object with a 'type', got {_short(item)}")
@@ -399,17 +450,18 @@ def from_config(item: dict) -> Layer:
         config = item["config"]
         if not isinstance(config, dict):
             raise ModelError(f"{kind}: 'config' must be an object, got {_short(config)}")
-        extra = sorted(set(item) - {"type", "name", "config"})
+        extra = sorted(set(item) - {"type", "name", "trainable", "config"})
         if extra:
             raise ModelError(f"{kind}: {', '.join(map(repr, extra))} belong(s) inside 'config' "
                              "(or write the layer flat, without 'config')")
     else:
-        config = {k: v for k, v in item.items() if k not in ("type", "name")}
+        config = {k: v for k, v in item.items() if k not in ("type", "name", "trainable")}
     config = dict(config)
     name = item.get("name", config.pop("name", None))
+    trainable = item.get("trainable", config.pop("trainable", True))
     cls = LAYER_TYPES[kind]
     params = inspect.signature(cls.__init__).parameters
-    allowed = [p for p in params if p not in ("self", "name")]
+    allowed = [p for p in params if p not in ("self", "name", "trainable")]
     unknown = [k for k in config if k not in allowed]
     if unknown:
         k = unknown[0]
@@ -420,7 +472,7 @@ def from_config(item: dict) -> Layer:
                and p not in config]
     if missing:
         raise ModelError(f"{kind}: missing required argument(s) {', '.join(map(repr, missing))}")
-    return cls(**config, name=name)
+    return cls(**config, name=name, trainable=trainable)
 
 
 def _short(value, limit=80) -> str:
@@ -430,4 +482,8 @@ def _short(value, limit=80) -> str:
 
 
 def to_config(layer: Layer) -> dict:
-    return {"type": layer.type, "name": layer.name, "config": layer.get_config()}
+    """{"type", "name", "config"}, and "trainable": false for a frozen layer."""
+    out = {"type": layer.type, "name": layer.name, "config": layer.get_config()}
+    if not layer.trainable:
+        out["trainable"] = False
+    return out

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from .layers import (Activation, AvgPool2D, BatchNorm, Conv2D, Dense, Dropout, Flatten, Input,
-                     MaxPool2D, ModelError)
+                     MaxPool2D, ModelError, Rescaling)
 from pathlib import Path
 
 from .api import Sequential, load
@@ -87,6 +87,39 @@ def litecnn(input_shape=(28, 28, 1), num_classes=10):
             Dense(num_classes, activation="softmax")]
 
 
+def airbench(input_shape=(32, 32, 3), num_classes=10, widths=(64, 256, 256)):
+    """airbench94 (Keller Jordan's CIFAR-10 speed record, 94% in 10 epochs): a frozen 2x2
+    whitening convolution (2 * 2*2*C filters, set from training patches by the recipe's
+    `whiten`), GELU, three groups conv-pool-BN-GELU-conv-BN-GELU (3x3 'same' convolutions
+    without bias; BatchNorm without gamma, momentum 0.6, epsilon 1e-12), max-pool 3, Dense
+    without bias and logits scaled by 1/9 (1,971,328 trainable parameters for CIFAR-10)."""
+    out = [Input(input_shape), Conv2D(8 * input_shape[2], 2, use_bias=False, trainable=False,
+                                      name="whiten"), Activation("gelu")]
+
+    def bn():
+        return BatchNorm(momentum=0.6, epsilon=1e-12, scale=False)
+    for w in widths:
+        out += [Conv2D(w, 3, padding="same", use_bias=False), MaxPool2D(), bn(),
+                Activation("gelu"), Conv2D(w, 3, padding="same", use_bias=False), bn(),
+                Activation("gelu")]
+    return out + [MaxPool2D(3), Flatten(), Dense(num_classes, use_bias=False),
+                  Rescaling(1 / 9), Activation("softmax")]
+
+
+# airbench94's hyperparameters, as training options (see TrainConfig and training/tricks.py)
+AIRBENCH = dict(
+    data="cifar10", epochs=10, batch_size=1024, standardize=True,
+    optimizer="sgd", lr=11.5, momentum=0.85, nesterov=True, weight_decay=0.0153,
+    decoupled=True, loss_reduction="sum",          # lr and decay per 1024 examples
+    bias_lr=64.0,                                  # BatchNorm betas: lr x64, same decay/step
+    label_smoothing=0.2,
+    schedule="warmup_linear", warmup=0.23, lr_start=0.2, lr_end=0.07,
+    lookahead={"every": 5, "decay": 0.95 ** 5, "power": 3.0},
+    dirac_init=True, whiten={"images": 5000, "eps": 5e-4},
+    augment={"flip": "alternate", "crop": 2, "fill": "reflect"},
+    precision="auto",
+)
+
 _FLIP_SHIFT = {"translate": 0.1, "flip": True}
 
 MODELS = {
@@ -110,6 +143,8 @@ MODELS = {
     "cifar-bn": (cifar_bn, dict(data="cifar10", optimizer="adam", lr=1e-3, epochs=30,
                                 batch_size=128, standardize=True, augment=_FLIP_SHIFT,
                                 description="conv 32-32-64-64-128-128 with BatchNorm")),
+    "airbench": (airbench, dict(AIRBENCH, description="airbench94, the CIFAR-10 speed record "
+                                                      "(94% in 10 epochs)")),
     "litecnn": (litecnn, dict(data="mnist-5k", optimizer="adam", lr=1e-3, epochs=10,
                               batch_size=64, description="drawn characters: 'full' + 'valid' "
                                                          "convolutions")),

@@ -92,12 +92,16 @@ def keras_layers(model):
         elif isinstance(layer, L.BatchNorm):
             out.append((_klayer("BatchNormalization", layer.name, {
                 "axis": -1, "momentum": layer.momentum, "epsilon": layer.epsilon,
-                "center": True, "scale": True}, in_shape), w))
+                "center": layer.center, "scale": layer.scale}, in_shape), w))
         elif isinstance(layer, L.Activation):
             out.append((_klayer("Activation", layer.name, {"activation": layer.activation}),
                         []))
+        elif isinstance(layer, L.Rescaling):
+            out.append((_klayer("Rescaling", layer.name, {"scale": layer.scale,
+                                                          "offset": layer.offset}), []))
         else:
             raise InteropError(f"layer {layer.name!r} ({layer.type}) has no Keras export")
+        out[-1][0]["config"]["trainable"] = layer.trainable
     return out
 
 

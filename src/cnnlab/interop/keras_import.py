@@ -231,6 +231,8 @@ class _Converter:
         self.rank = None                # rank of the Keras tensor (without batch)
 
     def add(self, layer, entry=None, **flags):
+        if entry is not None and entry["config"].get("trainable") is False:
+            layer.trainable = False
         self.layers.append(layer)
         self.sources.append((entry, flags))
 
@@ -370,12 +372,10 @@ class _Converter:
             for flag in ("renorm", "synchronized"):
                 if cfg.get(flag):
                     raise InteropError(f"{where}: {flag}=True is not supported")
-            if not (cfg.get("center", True) and cfg.get("scale", True)):
-                self.notes.append(f"{name}: BatchNormalization without "
-                                  f"{'center' if not cfg.get('center', True) else 'scale'}: "
-                                  "filled with beta=0 / gamma=1 (trainable in cnnlab)")
             self.add(L.BatchNorm(float(cfg.get("momentum", 0.99)),
-                                 float(cfg.get("epsilon", 1e-3)), name=lname), e)
+                                 float(cfg.get("epsilon", 1e-3)),
+                                 center=bool(cfg.get("center", True)),
+                                 scale=bool(cfg.get("scale", True)), name=lname), e)
             return i + 1
         if cls in ("Activation", "ReLU", "LeakyReLU", "ELU", "Softmax"):
             act = self.activation_layer(cls, cfg, where)
@@ -385,9 +385,14 @@ class _Converter:
             self.add(L.Activation(act, name=lname), e)
             return i + 1
         if cls == "Rescaling":
-            if self.layers or self.preprocessing is not None:
-                raise InteropError(f"{where}: Rescaling is supported only as the first layer "
-                                   "(where it becomes the model's input preprocessing)")
+            if self.layers or self.preprocessing is not None:   # inside the network
+                scale, offset = cfg.get("scale", 1.0), cfg.get("offset", 0.0)
+                if not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                           for v in (scale, offset)):
+                    raise InteropError(f"{where}: a Rescaling after the first layer needs a "
+                                       "single scale and offset")
+                self.add(L.Rescaling(float(scale), float(offset), name=lname), e)
+                return i + 1
             self.fold_rescaling(cfg, where)
             return i + 1
         raise InteropError(f"{where} is not supported; cnnlab reads: {SUPPORTED}")

@@ -146,9 +146,15 @@ def build_onnx(model, layout="NHWC"):
                          layer.name)
         elif isinstance(layer, L.BatchNorm):
             x = g.op("BatchNormalization",
-                     [x] + [g.const(f"{layer.name}_{p}", wt[p]) for p in
-                            ("gamma", "beta", "moving_mean", "moving_variance")],
+                     [x] + [g.const(f"{layer.name}_{p}", wt[p] if p in wt else np.full(
+                                wt["moving_mean"].shape, float(p == "gamma"), np.float32))
+                            for p in ("gamma", "beta", "moving_mean", "moving_variance")],
                      layer.name, epsilon=layer.epsilon)
+        elif isinstance(layer, L.Rescaling):   # y = x * scale + offset
+            x = g.op("Mul", [x, g.const(f"{layer.name}_scale", np.float32(layer.scale))])
+            if layer.offset:
+                x = g.op("Add", [x, g.const(f"{layer.name}_offset", np.float32(layer.offset))],
+                         layer.name)
         elif isinstance(layer, (L.Dropout, L.Activation)):
             pass
         else:

@@ -13,8 +13,9 @@ from ..engines.base import ENGINES, resolve_engine
 from ..losses import LossError, canonical
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
-SCHEDULES = ("constant", "step", "cosine", "onecycle", "plateau")
-PRECISIONS = ("fp32", "bf16")
+SCHEDULES = ("constant", "step", "cosine", "onecycle", "plateau", "warmup_linear")
+REDUCTIONS = ("mean", "sum")
+PRECISIONS = ("fp32", "bf16", "auto")
 MONITORS = ("loss", "accuracy", "val_loss", "val_accuracy")
 
 
@@ -45,8 +46,17 @@ class TrainConfig:
     warmup: float = 0.3                   # onecycle: fraction of steps warming up
     plateau_patience: int = 5
     min_lr: float = 0.0
+    lr_start: float = 0.2                 # warmup_linear: lr * lr_start -> lr -> lr * lr_end
+    lr_end: float = 0.07
     loss: str = "categorical_crossentropy"
     label_smoothing: float = 0.0
+    loss_reduction: str = "mean"          # sum: gradients of the batch's summed loss
+    decoupled: bool = False               # sgd: lr, weight_decay per 1024 examples (sgd_scales)
+    bias_lr: float = 1.0                  # lr multiplier of biases and BatchNorm gamma/beta
+    bias_decay: bool = True               # False: no weight decay on biases, gamma, beta
+    lookahead: dict | None = None         # {"every": 5, "decay": 0.95**5, "power": 3}
+    dirac_init: bool = False              # convolutions start as identity (tricks.dirac_init)
+    whiten: dict | None = None            # {"images": 5000, "eps": 5e-4}: first conv whitens
     augment: dict | str | None = None     # a dict, or the CLI's text: "flip,translate=0.1"
     standardize: bool = False
     val_split: float = 0.0                # 0: validate on the test split
@@ -54,7 +64,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     engine: str = "auto"                  # auto: torch when installed, else numpy
-    precision: str = "fp32"
+    precision: str = "fp32"               # auto: bf16 where native (cnnlab.hardware), else fp32
     channels_last: bool = True
     out: str | None = None
     verbose: int = 1
@@ -97,6 +107,25 @@ class TrainConfig:
         need(0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)")
         if isinstance(self.early_stopping, int) and not isinstance(self.early_stopping, bool):
             self.early_stopping = {"patience": self.early_stopping}   # as --early-stopping N
+        choice(self.loss_reduction, REDUCTIONS, "loss_reduction")
+        need(not self.decoupled or self.optimizer == "sgd",
+             "decoupled hyperparameters are for the sgd optimizer")
+        need(self.bias_lr > 0 and math.isfinite(self.bias_lr),
+             f"bias_lr must be > 0, got {self.bias_lr}")
+        need(0 <= self.lr_start and 0 <= self.lr_end, "lr_start and lr_end must be >= 0")
+        if self.lookahead is not None:
+            la = {"every": 5, "decay": 0.95 ** 5, "power": 3.0, **self.lookahead}
+            need(set(la) == {"every", "decay", "power"},
+                 "lookahead takes every, decay, power")
+            need(isinstance(la["every"], int) and la["every"] >= 1 and 0 <= la["decay"] < 1
+                 and la["power"] >= 0, "lookahead needs every >= 1, 0 <= decay < 1, power >= 0")
+            self.lookahead = la
+        if self.whiten is not None:
+            wh = {"images": 5000, "eps": 5e-4, **self.whiten}
+            need(set(wh) == {"images", "eps"}, "whiten takes images, eps")
+            need(isinstance(wh["images"], int) and wh["images"] >= 1 and wh["eps"] >= 0,
+                 "whiten needs images >= 1 and eps >= 0")
+            self.whiten = wh
         if self.early_stopping is not None:
             need(isinstance(self.early_stopping, dict),
                  "early_stopping is a patience (int) or a dict of monitor, patience, min_delta, "
@@ -116,11 +145,56 @@ class TrainConfig:
         return self
 
 
+KILO = 1024
+
+
+def sgd_scales(cfg: TrainConfig) -> tuple[float, float]:
+    """(lr factor, weight-decay factor) that turn the config's lr and weight_decay into
+    torch.optim.SGD's. Plain: (1, 1). Decoupled (airbench's convention): lr and weight_decay
+    are given per 1024 examples and do not depend on the batch size B or the momentum m,
+
+        k = 1024 (1 + 1 / (1 - m))              (1 / (1 - m): the momentum's gain)
+        lr_sgd = lr / k,  times B with the mean loss (whose gradient is 1/B of the sum's)
+        lr_sgd * wd_sgd = weight_decay * B / k  (the decay of one step, per example),
+
+    so wd_sgd = weight_decay * B / (k lr_sgd)."""
+    if not cfg.decoupled:
+        return 1.0, 1.0
+    k = KILO * (1 + 1 / (1 - cfg.momentum))
+    lr_factor = (cfg.batch_size if cfg.loss_reduction == "mean" else 1) / k
+    return lr_factor, cfg.batch_size / (k * cfg.lr * lr_factor)
+
+
+def is_bias(name: str) -> bool:
+    """Biases and BatchNorm gamma/beta: the parameters bias_lr and bias_decay apply to."""
+    return name.rsplit(".", 1)[-1] in ("bias", "beta", "gamma")
+
+
+def param_groups(cfg: TrainConfig, names) -> list[tuple[list[str], float, dict]]:
+    """The parameters in optimizer groups: [(names, lr multiplier, options)], the others
+    first, then the biases/BatchNorm ones when bias_lr or bias_decay sets them apart. A
+    group's lr is the scheduled lr times its multiplier; the biases' weight decay keeps the
+    others' decay per step (lr * weight_decay), or is 0 without bias_decay."""
+    opts = optimizer_options(cfg)
+    names = list(names)
+    if cfg.bias_lr == 1 and cfg.bias_decay:
+        return [(names, 1.0, opts)]
+    biases = [n for n in names if is_bias(n)]
+    others = [n for n in names if not is_bias(n)]
+    bias_opts = dict(opts)
+    if "weight_decay" in bias_opts:
+        bias_opts["weight_decay"] = bias_opts["weight_decay"] / cfg.bias_lr \
+            if cfg.bias_decay else 0.0
+    return [(others, 1.0, opts), (biases, cfg.bias_lr, bias_opts)]
+
+
 def optimizer_options(cfg: TrainConfig) -> dict:
     """The optimizer settings of a config, as both engines read them (PyTorch semantics;
-    AdamW's weight decay defaults to 0.01 when not given)."""
+    AdamW's weight decay defaults to 0.01 when not given; decoupled sgd: sgd_scales)."""
     wd = cfg.weight_decay
     if cfg.optimizer == "sgd":
+        if cfg.decoupled:
+            wd = (wd or 0.0) * sgd_scales(cfg)[1]
         return {"momentum": cfg.momentum, "nesterov": cfg.nesterov, "weight_decay": wd or 0.0}
     if cfg.optimizer == "adamw":
         return {"weight_decay": 0.01 if wd is None else wd}
@@ -136,8 +210,21 @@ def scheduled_lr(cfg: TrainConfig, step: int, total_steps: int, epoch: int,
     cosine:   min_lr + (lr - min_lr) * (1 + cos(pi * t)) / 2, t = step / total
     onecycle: linear warm-up from lr/25 to lr over `warmup` of the steps, then cosine
               down to lr/1e4 (PyTorch OneCycleLR's shape)
-    plateau:  lr * factor, the factor shrinking by gamma when the monitor stalls"""
+    plateau:  lr * factor, the factor shrinking by gamma when the monitor stalls
+    warmup_linear: linear from lr * lr_start to lr over `warmup` of the steps, then linear
+              to lr * lr_end at the last step (airbench's)
+    Decoupled sgd: all of it times sgd_scales' lr factor."""
+    return _scheduled(cfg, step, total_steps, epoch, plateau_factor) * sgd_scales(cfg)[0]
+
+
+def _scheduled(cfg, step, total_steps, epoch, plateau_factor):
     lr = cfg.lr
+    if cfg.schedule == "warmup_linear":
+        warm = int(cfg.warmup * total_steps)
+        if step < warm:
+            return lr * (cfg.lr_start + (1 - cfg.lr_start) * step / warm)
+        t = (step - warm) / max(total_steps - warm, 1)
+        return lr * (1 + (cfg.lr_end - 1) * t)
     if cfg.schedule == "step":
         return lr * cfg.gamma ** (epoch // max(cfg.step_size, 1))
     if cfg.schedule == "cosine":

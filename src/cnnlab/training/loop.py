@@ -18,11 +18,13 @@ import time
 
 import numpy as np
 
+from ..augment import alternating_flip
 from ..console import EpochProgress
 from ..engines.base import Tally, resolve_engine
 from ..losses import LossError, resolve_loss
 from .config import TrainConfig, TrainingError, optimizer_options, scheduled_lr
 from .data import Prepared
+from .tricks import Lookahead
 
 
 def step_seed(seed: int, epoch: int, step: int = -1) -> int:
@@ -117,6 +119,11 @@ class Trainer:
             if not hasattr(cb, "set_trainer"):
                 raise TrainingError(f"callbacks are cnnlab.callbacks objects, got {cb!r}")
             cb.set_trainer(self)
+        self.lookahead = None   # its average is checkpointed with the run (tensors "ema.*")
+        if cfg.lookahead:
+            self.lookahead = Lookahead(**cfg.lookahead)
+            self.lookahead.start(self.backend.export_weights())
+        self.alternate_flip = (cfg.augment or {}).get("flip") == "alternate"
 
     @property
     def total_steps(self) -> int:
@@ -190,8 +197,12 @@ class Trainer:
                 be.set_lr(self.lr_override if self.lr_override is not None else self.lr_scale *
                           scheduled_lr(cfg, epoch * self.steps + s, self.total_steps, epoch,
                                        self.plateau["factor"]))
-                be.train_step(idx, step_seed(cfg.seed, epoch, s))
+                extra = {"flip": alternating_flip(cfg.seed, epoch, idx, len(d.x_train))} \
+                    if self.alternate_flip else {}
+                be.train_step(idx, step_seed(cfg.seed, epoch, s), **extra)
                 self.step_in_epoch = s + 1
+                if self.lookahead is not None:
+                    self.lookahead.after_step(be, epoch * self.steps + s + 1, self.total_steps)
                 if progress.live and (s % 10 == 9 or s + 1 == self.steps):
                     self.partial += be.collect()
                     progress.update(s + 1, self.logs(self.partial))

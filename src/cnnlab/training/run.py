@@ -24,6 +24,7 @@ from ..model import Model
 from .config import TrainConfig, TrainingError, TrainingInterrupted
 from .data import data_name, prepare_data
 from .loop import Stop, Trainer
+from .tricks import init_model
 
 CHECKPOINT = "checkpoint.safetensors"
 CHECKPOINT_FORMAT = "cnnlab-checkpoint"
@@ -63,11 +64,16 @@ class Run:
         t = self.trainer
         config = {"train": asdict(t.cfg), "model": t.model.get_config(),
                   "environment": environment()}
+        choice = getattr(t.backend, "precision", None)
+        if choice is not None:   # what `auto` (or the flag) chose, and why
+            config["precision"] = {"chosen": choice.precision, "reason": choice.reason}
         atomic_write_bytes(self.dir / "config.json", json.dumps(config, indent=2).encode())
 
     def save_checkpoint(self):
         t = self.trainer
         tensors, backend_json = t.backend.state()
+        if t.lookahead is not None:
+            tensors.update(t.lookahead.tensors())
         if t.best_weights is not None:
             tensors.update({f"best.{k}": v for k, v in t.best_weights.items()})
         meta = {"format": CHECKPOINT_FORMAT,
@@ -81,6 +87,8 @@ class Run:
         t.load_state_json(meta["trainer"])
         best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
         t.best_weights = best or None
+        if t.lookahead is not None:
+            t.lookahead.load_tensors(tensors)
         t.backend.load_state({k: v for k, v in tensors.items() if not k.startswith("best.")},
                              meta["backend"])
 
@@ -201,8 +209,10 @@ def fit(model, data="mnist-5k", /, *, resume: str | os.PathLike | None = None,
     options.setdefault("data", data_name(data))
     cfg = TrainConfig.from_dict(options).check()
     prepared = prepare_data(data, cfg, model.input_shape, validation_data)
+    init_notes = []
     if model.fresh:  # a new model starts from seeded weights; a trained one continues
         model.init_weights(cfg.seed)
+        init_notes = init_model(model, cfg, prepared.x_train, prepared.preprocessing)
     model.meta.update({"class_names": prepared.class_names,
                        "preprocessing": prepared.preprocessing})
     run_dir = Path(cfg.out) if cfg.out else None
@@ -222,6 +232,8 @@ def fit(model, data="mnist-5k", /, *, resume: str | os.PathLike | None = None,
             print("Note: early stopping / plateau decisions then look at the test split, so the "
                   "final test accuracy is optimistic; --val-split 0.1 keeps it honest")
         print(f"Device: {trainer.backend.device_info}")
+        if init_notes:
+            print(f"Init: {'; '.join(init_notes)}")
     return run.train()
 
 

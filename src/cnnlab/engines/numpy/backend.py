@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...augment import augment
+from ...augment import augment, flip_images
+from ...hardware import PrecisionChoice
 from ...preprocess import apply
+from ...training.config import param_groups
 from ..base import Tally, evaluate_logits
 from .engine import NumpyEngine
 from .optim import make_optimizer
@@ -18,6 +20,7 @@ from .optim import make_optimizer
 class NumpyBackend:
     name = "numpy"
     device_info = "NumPy, float32"
+    precision = PrecisionChoice("fp32", "the NumPy engine computes in float32")
 
     def __init__(self, model, cfg, data, loss_kind: str, optim):
         self.model, self.cfg, self.loss_kind = model, cfg, loss_kind
@@ -25,27 +28,37 @@ class NumpyBackend:
         trainable = set(model.trainable_names())
         self.params = {k: v for k, v in model.weights.items() if k in trainable}
         name, lr, opts = optim
-        self.opt = make_optimizer(name, self.params, lr, **opts)
+        # one optimizer per parameter group (biases apart with bias_lr / bias_decay)
+        self.groups = [(make_optimizer(name, {k: self.params[k] for k in names}, lr * scale,
+                                       **group_opts), scale)
+                       for names, scale, group_opts in param_groups(cfg, self.params)]
+        self.opt = self.groups[0][0]
         self.x, self.y, self.prep = data.x_train, data.y_train, data.preprocessing
         self.tally = Tally()
 
     @property
     def lr(self):
-        return self.opt.lr
+        return self.opt.lr / self.groups[0][1]
 
     def set_lr(self, lr):
-        self.opt.lr = lr
+        for opt, scale in self.groups:
+            opt.lr = lr * scale
 
     def seed_epoch(self, seed):
         self.engine.rng = np.random.default_rng(seed)
 
-    def train_step(self, idx, seed):
+    def train_step(self, idx, seed, flip=None):
+        """flip: which images to mirror first (the loop's alternating flip), or None."""
         xb, yb = apply(self.prep, self.x[idx]), self.y[idx]
+        if flip is not None:
+            xb = flip_images(xb, flip)
         if self.cfg.augment:
             xb = augment(xb, self.cfg.augment, np.random.default_rng(seed))
         loss, logits, grads = self.engine.loss_and_grads(xb, yb, self.loss_kind,
-                                                         self.cfg.label_smoothing)
-        self.opt.step(grads)
+                                                         self.cfg.label_smoothing,
+                                                         self.cfg.loss_reduction)
+        for opt, _ in self.groups:
+            opt.step({k: grads[k] for k in opt.params})
         self.tally.add_batch(self.model, loss, logits, yb)
 
     def collect(self) -> Tally:
@@ -66,19 +79,22 @@ class NumpyBackend:
             self.model.weights[k][...] = v
 
     def state(self):
-        arrays, opt_meta = self.opt.state_dict()
         tensors = {f"w.{k}": v.copy() for k, v in self.model.weights.items()}
-        tensors.update({f"opt.{k}": v for k, v in arrays.items()})
-        rng = self.engine.rng.bit_generator.state
-        return tensors, {"optimizer": opt_meta, "engine": "numpy", "rng": _rng_json(rng)}
+        meta = {"engine": "numpy", "rng": _rng_json(self.engine.rng.bit_generator.state)}
+        for i, (opt, _) in enumerate(self.groups):   # group 0 as "opt." / "optimizer"
+            arrays, meta[f"optimizer{i or ''}"] = opt.state_dict()
+            tensors.update({f"opt{i or ''}.{k}": v for k, v in arrays.items()})
+        return tensors, meta
 
     def load_state(self, tensors, meta):
         if meta.get("engine") != "numpy":
             raise ValueError("this checkpoint was written by the torch engine; it resumes "
                              "with the engine that wrote it")
         self.set_weights({k[2:]: v for k, v in tensors.items() if k.startswith("w.")})
-        self.opt.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("opt.")},
-                                 meta["optimizer"])
+        for i, (opt, _) in enumerate(self.groups):
+            prefix = f"opt{i or ''}."
+            opt.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
+                                 if k.startswith(prefix)}, meta[f"optimizer{i or ''}"])
         self.engine.rng = np.random.default_rng()
         self.engine.rng.bit_generator.state = _rng_from_json(meta["rng"])
 

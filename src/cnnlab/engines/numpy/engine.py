@@ -38,8 +38,11 @@ def layer_registry(ops):
      backward(dout, cache, need_dx) -> (dx, {param name: grad}))."""
     def batchnorm(e, layer, x, training):
         w = e.model.weights  # the moving statistics are updated in place in training
+        c = x.shape[-1]      # without scale / center: gamma = 1, beta = 0
+        gamma = e.param(layer, "gamma") if layer.scale else np.ones(c, e.dtype)
+        beta = e.param(layer, "beta") if layer.center else np.zeros(c, e.dtype)
         return ops.batchnorm_forward(
-            x, e.param(layer, "gamma"), e.param(layer, "beta"), w[f"{layer.name}.moving_mean"],
+            x, gamma, beta, w[f"{layer.name}.moving_mean"],
             w[f"{layer.name}.moving_variance"], layer.epsilon, layer.momentum, training)
 
     def pool(forward):
@@ -67,6 +70,9 @@ def layer_registry(ops):
         "BatchNorm": (batchnorm, _with_grads(
             lambda dout, cache, need_dx: ops.batchnorm_backward(dout, cache), "gamma", "beta")),
         "Activation": (lambda e, layer, x, training: (x, None), _no_params(lambda d, c: d)),
+        "Rescaling": (lambda e, layer, x, training: ops.rescaling_forward(
+                          x, layer.scale, layer.offset),
+                      _no_params(ops.rescaling_backward)),
     }
 
 
@@ -112,13 +118,17 @@ class NumpyEngine:
         return h, (cache, act_cache)
 
     def _backward(self, i, dout, caches, need_dx=True):
-        """Back through layer i: returns (dx, {param name: grad})."""
+        """Back through layer i: returns (dx, {param name: grad}) with the grads of its
+        trainable parameters only (none for a layer with trainable=False)."""
         layer = self.model.layers[i]
+        if not need_dx and not layer.trainable_params:
+            return None, {}     # e.g. a frozen first layer: nothing to compute
         cache, act_cache = caches
         if act_cache is not None:
             dout = self.ops.activation_backward(dout, act_cache)
         dx, grads = self.layer_ops[layer.type][1](dout, cache, need_dx)
-        return dx, {f"{layer.name}.{k}": g for k, g in grads.items()}
+        keep = layer.trainable_params
+        return dx, {f"{layer.name}.{k}": g for k, g in grads.items() if k in keep}
 
     def _run(self, x, upto, training, activations):
         """Forward through layers 0..upto; activations(i) says whether layer i applies
@@ -162,18 +172,21 @@ class NumpyEngine:
             out.append((layer.name, h))
         return out
 
-    def loss_and_grads(self, x, y, loss="softmax_ce", label_smoothing=0.0):
+    def loss_and_grads(self, x, y, loss="softmax_ce", label_smoothing=0.0, reduction="mean"):
         """Training-mode forward and backward on one batch.
 
         BatchNorm normalizes with the batch statistics and updates its moving statistics
         in model.weights; Dropout draws masks from self.rng. y: integer labels (N,)
         (or one-hot rows). Returns (loss, logits, grads) with grads
         {"<layer>.<param>": array} for every trainable parameter, in Keras layout.
+        loss is the batch mean; reduction="sum" gives the gradients of the sum (N times).
         """
         n = len(self.model.layers)
         logits, caches = self._run(x, n - 1, True, self._logits_mask())
         kind = loss if loss in KINDS else resolve_loss(loss, self.model)
         value, g = self.ops.loss_on_logits(kind, logits, y, label_smoothing)
+        if reduction == "sum":
+            g = g * g.dtype.type(len(logits))
         grads = {}
         for i in range(n - 1, -1, -1):
             g, layer_grads = self._backward(i, g, caches[i], need_dx=i > 0)

@@ -42,6 +42,8 @@ from .reference import (  # noqa: F401  (already as fast as NumPy allows: re-exp
     loss_on_logits,
     mse_loss,
     pair,
+    rescaling_backward,
+    rescaling_forward,
     resolve_pads,
     sigmoid,
     sigmoid_binary_cross_entropy,

@@ -14,7 +14,7 @@ input (N, Hp, Wp, C) and a kh x kw window it is (N, Hp-kh+1, Wp-kw+1, C, kh, kw)
 The engine runs the same math from fast.py (tested equal to this file); the activations
 and the losses live here only, as they are already as fast as NumPy allows.
 
-Sections: activations, padding, convolution, pooling, dense/flatten/dropout,
+Sections: activations, padding, convolution, pooling, dense/flatten/dropout/rescaling,
 batch normalization, losses.
 """
 from __future__ import annotations
@@ -266,7 +266,7 @@ def global_maxpool_backward(dout, cache):
 
 
 # --------------------------------------------------------------------------------------
-# Dense, Flatten, Dropout
+# Dense, Flatten, Dropout, Rescaling
 # --------------------------------------------------------------------------------------
 def dense_forward(x, w, b=None):
     """Inputs: x (N, in), w (in, out), b (out,) or None. Returns out = x @ w + b, cache."""
@@ -304,6 +304,17 @@ def dropout_forward(x, rate, training, rng):
 def dropout_backward(dout, mask):
     """dx = dout * m / (1 - rate) (the same scaled mask)."""
     return dout if mask is None else dout * mask
+
+
+def rescaling_forward(x, scale, offset=0.0):
+    """y = x * scale + offset (scale, offset: numbers). Returns y, cache."""
+    scale = x.dtype.type(scale)
+    return x * scale + x.dtype.type(offset), scale
+
+
+def rescaling_backward(dout, scale):
+    """dx = dout * scale."""
+    return dout * scale
 
 
 # --------------------------------------------------------------------------------------

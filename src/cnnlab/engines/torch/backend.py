@@ -12,6 +12,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ...augment import augment, flip_images
+from ...hardware import PrecisionChoice, auto_precision
+from ...training.config import param_groups
 from ..base import Tally, binary_output, evaluate_logits
 from .engine import TorchNet, export_weights, load_weights, param_names, resolve_device
 
@@ -22,6 +25,13 @@ def make_torch_optimizer(optim, params):
     make = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
             "rmsprop": torch.optim.RMSprop}[name]
     return make(params, lr=lr, **opts)
+
+
+def precision_of(asked: str, device) -> PrecisionChoice:
+    """The precision a run computes in: `auto` decides by the hardware (cnnlab.hardware)."""
+    if asked == "auto":
+        return auto_precision(device)
+    return PrecisionChoice(asked, "asked for")
 
 
 def loss_fn(kind, logits, y, label_smoothing=0.0):
@@ -64,8 +74,11 @@ class TorchBackend:
         self.channels_last = cfg.channels_last and model.input_shape[-1] > 1
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
-        self.params = [p for _, p in param_names(self.net)]
-        self.opt = make_torch_optimizer(optim, self.params)
+        named = dict(param_names(self.net))
+        self.params = list(named.values())
+        groups = [{"params": [named[n] for n in names], "lr_scale": scale, **opts}
+                  for names, scale, opts in param_groups(cfg, named) if names]
+        self.opt = make_torch_optimizer(optim, groups)  # biases apart: bias_lr, bias_decay
         self.x = self._images(data.x_train)
         self.y = torch.from_numpy(data.y_train).to(self.device)
         prep = data.preprocessing
@@ -73,12 +86,13 @@ class TorchBackend:
         self.mean = torch.tensor(prep["mean"], dtype=torch.float32, device=self.device).view(1, c, 1, 1)
         self.inv_std = (1 / torch.tensor(prep["std"], dtype=torch.float32,
                                          device=self.device)).view(1, c, 1, 1)
-        self.autocast = cfg.precision == "bf16"
+        self.precision = precision_of(cfg.precision, self.device)
+        self.autocast = self.precision.precision == "bf16"
         self.sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         self.seen = 0
         kind = "CUDA " + torch.cuda.get_device_name(self.device) if self.device.type == "cuda" \
             else f"CPU, {torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}"
-        self.device_info = f"{kind}, {cfg.precision}" + \
+        self.device_info = f"{kind}, {self.precision}" + \
             (", channels_last" if self.channels_last else "")
 
     def _images(self, x_uint8: np.ndarray) -> torch.Tensor:
@@ -94,27 +108,30 @@ class TorchBackend:
     # loop interface -------------------------------------------------------------
     @property
     def lr(self):
-        return self.opt.param_groups[0]["lr"]
+        g = self.opt.param_groups[0]
+        return g["lr"] / g.get("lr_scale", 1.0)
 
     def set_lr(self, lr):
         for g in self.opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
 
     def seed_epoch(self, seed):
         torch.manual_seed(seed)  # dropout masks
 
-    def train_step(self, idx: np.ndarray, seed: int):
+    def train_step(self, idx: np.ndarray, seed: int, flip=None):
+        """flip: which images to mirror first (the loop's alternating flip), or None."""
         self.net.train()
         ii = torch.from_numpy(idx).to(self.device)
         xb, yb = self._batch(self.x.index_select(0, ii)), self.y.index_select(0, ii)
+        if flip is not None:
+            xb = flip_images(xb, flip)
         if self.cfg.augment:
-            from ...augment import augment
             xb = augment(xb, self.cfg.augment, np.random.default_rng(seed))
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             logits = self.net(xb)
             loss = loss_fn(self.loss_kind, logits.float(), yb, self.cfg.label_smoothing)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * len(idx) if self.cfg.loss_reduction == "sum" else loss).backward()
         self.opt.step()
         with torch.no_grad():
             self._count(self.sums, loss, logits, yb)

@@ -257,14 +257,14 @@ class BatchNorm(LayerModule):
         moving_var  = momentum * moving_var  + (1 - momentum) * var * M / max(M - 1, 1).
     With M = 1 (a batch of one on flat features or 1x1 maps) var = 0 and y = beta, as in
     the NumPy engine; F.batch_norm refuses that case, so it is written out. Inference:
-    mu, var = the moving statistics.
+    mu, var = the moving statistics. Without scale (center) gamma (beta) is None: 1 (0).
     """
 
     def __init__(self, layer, in_shape, out_shape):
         super().__init__(layer, in_shape, out_shape)
         c = in_shape[-1]
-        self.gamma = nn.Parameter(torch.ones(c))
-        self.beta = nn.Parameter(torch.zeros(c))
+        self.gamma = nn.Parameter(torch.ones(c)) if layer.scale else None
+        self.beta = nn.Parameter(torch.zeros(c)) if layer.center else None
         self.register_buffer("moving_mean", torch.zeros(c))
         self.register_buffer("moving_variance", torch.ones(c))
 
@@ -282,8 +282,19 @@ class BatchNorm(LayerModule):
             self.moving_mean.copy_(m * self.moving_mean + (1 - m) * mu.flatten())
             self.moving_variance.copy_(m * self.moving_variance + (1 - m) * var.flatten())
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        return xc * torch.rsqrt(var + lay.epsilon) * self.gamma.view(shape) + \
-            self.beta.view(shape)
+        y = xc * torch.rsqrt(var + lay.epsilon)
+        if self.gamma is not None:
+            y = y * self.gamma.view(shape)
+        return y if self.beta is None else y + self.beta.view(shape)
+
+
+@register("Rescaling")
+class Rescaling(LayerModule):
+    """y = x * scale + offset."""
+
+    def transform(self, x):
+        y = x * self.layer.scale
+        return y + self.layer.offset if self.layer.offset else y
 
 
 @register("Activation")
@@ -307,6 +318,9 @@ class TorchNet(nn.Sequential):
                 raise ValueError(f"the torch engine cannot run a {layer.type} layer")
             mods.append(MODULES[layer.type](layer, in_shape, out_shape))
         super().__init__(*mods)
+        for mod in mods:   # trainable=False: no gradient is computed for the layer's weights
+            for pname in mod.layer.weight_params:
+                getattr(mod, pname).requires_grad_(mod.layer.trainable)
         self.final = model.final_activation_index
         self.final_activation = None if self.final is None else mods[self.final].act.name
         if self.final is not None:
@@ -501,10 +515,14 @@ class TorchEngine:
             raise IndexError(f"layer {i} out of range: the model has {n} layers")
         return i % n
 
+    #: "bf16": forward() runs under bf16 autocast (faster evaluation where bf16 is native)
+    precision = "fp32"
+
     def forward(self, x, training=False):
         """The logits (N, K). training=True: batch statistics (moving ones updated in
         place in the network) and dropout."""
-        with _call(training=training), torch.no_grad():
+        with _call(training=training), torch.no_grad(), torch.autocast(
+                self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             out = self.net(self._x(x))
         return to_nhwc(out)
 
