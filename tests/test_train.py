@@ -295,3 +295,26 @@ def test_cli_shorthands_work_in_python_too():
     assert TrainConfig(augment="none").check().augment == {}
     with pytest.raises(TrainingError, match="twirl"):
         TrainConfig(augment="twirl=3").check()
+
+
+@pytest.mark.parametrize("engine", ["torch", "numpy"])
+def test_transfer_learning_keeps_frozen_weights_and_trains_the_head(mnist5k, engine):
+    """Keras' recipe: a trained base, frozen (trainable=False), under a new head."""
+    from cnnlab import Dense, Flatten, Input, Sequential
+    ds = small(mnist5k, 300)
+    base = zoo.build("lenet")
+    base.fit(ds, epochs=1, verbose=0, engine=engine)
+    from cnnlab.layers import from_config, to_config
+    frozen = [from_config({**to_config(layer), "trainable": False}) for layer in base.layers[:4]]
+    model = Sequential([Input((28, 28, 1)), *frozen, Flatten(name="flat"),
+                        Dense(10, activation="softmax", name="head")])
+    model.set_weights({**{k: v for k, v in base.weights.items() if k in model.weights},
+                       **{k: v for k, v in model.weights.items() if k.startswith("head.")}})
+    before = {k: v.copy() for k, v in model.weights.items()}
+    assert model.count_params()[1] == 7850      # only the head trains
+    model.fit(ds, epochs=1, verbose=0, engine=engine)
+    for k, v in before.items():
+        if k.startswith("head."):
+            assert not np.array_equal(model.weights[k], v), k
+        else:
+            assert np.array_equal(model.weights[k], v), k
