@@ -189,9 +189,14 @@ def cmd_train(args):
     if world.size == 1:
         return _train(args)
     from .datasets import DatasetError
+    from .training import TrainingInterrupted
+    clean = False      # the ranks end together: after success or an agreed Ctrl-C stop
     try:
-        return _train(args)
+        code = _train(args)
+        clean = True
+        return code
     except Exception as e:
+        clean = isinstance(e, TrainingInterrupted)
         if distributed.is_peer_loss(e):
             if os.environ.get("CNNLAB_LAUNCHER"):
                 return 1        # the launcher reports which rank went away
@@ -199,13 +204,13 @@ def cmd_train(args):
                            f"({str(e).splitlines()[0][:120]})") from None
         if world.is_main or isinstance(e, (OSError, DatasetError)):
             raise
-        return 130 if type(e).__name__ == "TrainingInterrupted" else 1   # rank 0 reports
+        return 130 if clean else 1   # rank 0 reports
     except KeyboardInterrupt:
         if world.is_main:
             raise
         return 130
     finally:
-        distributed.shutdown()
+        distributed.shutdown(clean)
 
 
 def _worker_argv(argv: list[str], out: str | None) -> list[str]:

@@ -1,8 +1,8 @@
 """Data-parallel training on several processes: launch, rendezvous, collectives.
 
 `cnnlab train ... --nproc N` starts N worker processes on this machine through PyTorch's
-own launcher (`torch.distributed.run`, the machinery behind `torchrun`, with a standalone
-rendezvous on a free localhost port); `torchrun --nnodes ... -m cnnlab.cli train ...`
+own launcher (`torch.distributed.run`, the machinery behind `torchrun`, with a c10d
+rendezvous on a free 127.0.0.1 port); `torchrun --nnodes ... -m cnnlab.cli train ...`
 starts them across machines. A worker finds its place from the usual environment
 (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and joins the process group:
 gloo on CPU, NCCL on CUDA. One process (WORLD_SIZE unset or 1) forms no group at all.
@@ -21,9 +21,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import uuid
 from dataclasses import dataclass
-
-import numpy as np
 
 
 @dataclass(frozen=True)
@@ -108,10 +107,14 @@ def init_from_env(device: str | None = "auto") -> World:
     return world
 
 
-def shutdown():
+def shutdown(clean: bool = True):
+    """Leave the process group; after a clean end all ranks leave together (a barrier),
+    so that none closes its connections while another still reads from them."""
     if "torch.distributed" in sys.modules:
         import torch.distributed as dist
         if dist.is_available() and dist.is_initialized():
+            if clean:
+                dist.barrier()
             dist.destroy_process_group()
 
 
@@ -126,12 +129,6 @@ def is_peer_loss(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(
         w in text for w in ("Connection closed", "Connection reset", "Broken pipe", "gloo",
                             "NCCL", "Socket Timeout"))
-
-
-def shard_slices(n: int, size: int) -> list[slice]:
-    """The contiguous pieces of n items for `size` ranks, as np.array_split cuts them."""
-    bounds = np.cumsum([0] + [n // size + (r < n % size) for r in range(size)])
-    return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def default_threads(nproc: int) -> int:
@@ -171,8 +168,11 @@ def launch(nproc: int, worker_argv: list[str], monitor_interval: float = 0.1) ->
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
     _quiet_elastic()
+    if os.path.exists("/sys/class/net/lo"):   # one machine: ranks talk over loopback
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     args = get_args_parser().parse_args(
-        ["--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0",
+        ["--nnodes=1", "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0",
+         f"--rdzv-id={uuid.uuid4()}", f"--nproc-per-node={nproc}", "--max-restarts=0",
          f"--monitor-interval={monitor_interval}", "-m", "cnnlab.cli", *worker_argv])
     try:
         run(args)
@@ -183,7 +183,9 @@ def launch(nproc: int, worker_argv: list[str], monitor_interval: float = 0.1) ->
         codes = {f.exitcode for _, f in failures}
         if codes <= {1, 130}:       # the workers said what went wrong themselves
             raise LaunchFailed("", max(codes)) from None
-        rank, f = failures[0]
+        # the launcher ends the others with SIGTERM: name the one that went first
+        rank, f = next(((r, f) for r, f in failures if f.signal_name() != "SIGTERM"),
+                       failures[0])
         what = (f"was killed by {f.signal_name()}" if f.exitcode < 0
                 else f"exited with code {f.exitcode}")
         raise LaunchFailed(f"rank {rank} (pid {f.pid}) {what}; all ranks stopped", 1) from None
