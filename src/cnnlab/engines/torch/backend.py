@@ -215,12 +215,13 @@ class TorchBackend:
         if self.world_size == 1:
             return self.net
         self.sync_bn = [m for m in self.net.modules() if isinstance(m, BatchNorm)] \
-            if getattr(cfg, "sync_bn", False) else []
+            if cfg.sync_bn else []
         for m in self.sync_bn:
             m.__class__ = SyncBatchNorm
         from torch.nn.parallel import DistributedDataParallel
         return DistributedDataParallel(
-            self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self.net,
+            device_ids=[torch.cuda.current_device()] if self.device.type == "cuda" else None)
 
     def _shard(self, idx: np.ndarray):
         """(this rank's piece of the global batch idx, its loss weight n_r * N / B).
