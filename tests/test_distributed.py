@@ -301,6 +301,9 @@ def test_bad_nproc_and_numpy_engine_are_one_line_errors(folder):
     code, _, err = finish(cnnlab(*train_args(folder, folder / "x"), "--nproc", 2,
                                  "--engine", "numpy"))
     assert code == 1 and err.strip() == "error: --nproc needs the torch engine"
+    code, _, err = finish(cnnlab(*train_args(folder, folder / "y"), "--nproc", 2, "--lr", -1))
+    assert code == 1 and err.strip() == "error: lr must be > 0, got -1.0"   # rank 0 alone
+    assert not (folder / "y").exists()
 
 
 if __name__ == "__main__":

@@ -268,6 +268,8 @@ def _train(args):
     if args.resume:
         if args.model:
             raise CLIError("--resume takes the run directory; give no model with it")
+        if args.sync_bn:
+            raise CLIError("--sync-bn is part of the run's settings; it cannot change on --resume")
         resume_run(args.resume, epochs=args.epochs)
         return 0
     if not args.model:
