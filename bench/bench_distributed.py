@@ -168,7 +168,7 @@ def main():
     r12, r21 = rows[0], rows[1]
     body = f"""`python bench/bench_distributed.py --data-dir {args.data_dir} --train {args.train} --epochs {args.epochs}`
 CPU flags: {cpu_flags()}. Load average (1 min) {load0:.1f} before, {load1:.1f} after, on 2 cores:
-**the machine was shared with other work**, so the figures are noisy; the two layouts ran one after the other.
+**the machine was shared with other work**, so the figures are noisy; the layouts ran one after the other.
 
 cifar-basic, its recipe (Adam 1e-3, global batch 128, standardized), seed 0, on the first
 {args.train:,} CIFAR-10 training images for {args.epochs} epochs ({steps} steps each; 2 ranks: 64
