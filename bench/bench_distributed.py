@@ -57,6 +57,8 @@ def worker(spec_path: str):
             "test_accuracy": acc, "threads": torch.get_num_threads(),
             "ranks": world.size}))
     distributed.shutdown()
+    if world.size > 1:
+        distributed.exit_worker(0)
 
 
 def run_cifar(ranks: int, threads: int, args, tmp: Path) -> dict:

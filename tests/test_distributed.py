@@ -67,6 +67,7 @@ def worker(spec_path):
             np.savez(out / "weights.npz", **model.weights)
             (out / "history.json").write_text(json.dumps(list(hist)))
     distributed.shutdown()
+    distributed.exit_worker(0)
 
 
 def torchrun(nproc, spec, tmp_path, timeout=240):

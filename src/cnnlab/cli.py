@@ -248,7 +248,7 @@ def launch_train(args):
         out = None if args.out else str(run_dir)
     if args.engine == "numpy":
         raise CLIError("--nproc needs the torch engine")
-    os.environ["CNNLAB_LAUNCHER"] = "1"
+    os.environ["CNNLAB_LAUNCHER"] = "1"      # tells the workers that this process reports
     try:
         return distributed.launch(args.nproc, _worker_argv(args.argv, out))
     except distributed.LaunchFailed as e:
@@ -260,6 +260,8 @@ def launch_train(args):
             else "no checkpoint was written yet"
         print(f"error: {e}\n{where}", file=sys.stderr)
         return e.code
+    finally:
+        os.environ.pop("CNNLAB_LAUNCHER", None)
 
 
 def _train(args):
@@ -511,4 +513,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if "torch.distributed" in sys.modules and os.environ.get("TORCHELASTIC_RUN_ID"):
+        from .training.distributed import exit_worker
+        exit_worker(code)   # a worker of torchrun or --nproc
+    sys.exit(code)
