@@ -16,7 +16,10 @@ EPILOGS = {
   cnnlab train my_model.json --data ./photos --val-split 0.2 --early-stopping 3
   cnnlab train lenet --engine numpy --epochs 3    # the from-scratch NumPy engine
   cnnlab train --resume runs/lenet-mnist          # continue after Ctrl-C
-  cnnlab train --resume runs/lenet-mnist --epochs 8   # train a finished run further""",
+  cnnlab train --resume runs/lenet-mnist --epochs 8   # train a finished run further
+  cnnlab train cifar-basic --data cifar10 --nproc 2   # data-parallel, 2 processes
+  torchrun --nnodes 2 --nproc-per-node 1 --rdzv-backend c10d --rdzv-endpoint HOST:29400 \
+      -m cnnlab.cli train cifar-basic --out runs/c  # the same across machines""",
     "evaluate": """examples:
   cnnlab evaluate runs/demo/model.safetensors --data mnist-5k
   cnnlab evaluate runs/demo --data mnist --json > metrics.json
@@ -107,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true",
                    help="allow --out to replace an existing run")
     t.add_argument("--quiet", action="store_true", help="one line per epoch, no progress bar")
+    t.add_argument("--nproc", type=int, metavar="N",
+                   help="data-parallel training in N processes on this machine (torch "
+                        "engine; the recipe's batch is split among them; default 1)")
+    t.add_argument("--sync-bn", action="store_true", default=None,
+                   help="with several processes: BatchNorm statistics over the whole batch "
+                        "(default: per process)")
 
     e = sub.add_parser("evaluate", help="loss, accuracy, per-class metrics, confusion matrix",
                        epilog=EPILOGS["evaluate"], formatter_class=fmt)
@@ -159,12 +168,99 @@ def load_model_arg(arg: str):
 
 
 def cmd_train(args):
+    from .training import distributed
+    if args.nproc is not None and args.nproc < 1:
+        raise CLIError(f"--nproc must be >= 1, got {args.nproc}")
+    if (args.nproc or 1) > 1 and distributed.env_world_size() <= 1:
+        return launch_train(args)
+    world = distributed.init_from_env(args.device)
+    if world.size == 1:
+        return _train(args)
+    from .datasets import DatasetError
+    from .training import TrainingInterrupted
+    clean = False      # the ranks end together: after success or an agreed Ctrl-C stop
+    try:
+        code = _train(args)
+        clean = True
+        return code
+    except Exception as e:
+        clean = isinstance(e, TrainingInterrupted)
+        if distributed.is_peer_loss(e):
+            if os.environ.get("CNNLAB_LAUNCHER"):
+                return 1        # the launcher reports which rank went away
+            raise CLIError(f"rank {world.rank}: another rank stopped; all ranks stop "
+                           f"({str(e).splitlines()[0][:120]})") from None
+        if world.is_main or isinstance(e, (OSError, DatasetError)):
+            raise
+        return 130 if clean else 1   # rank 0 reports
+    except KeyboardInterrupt:
+        if world.is_main:
+            raise
+        return 130
+    finally:
+        distributed.shutdown(clean)
+
+
+def _worker_argv(argv: list[str], out: str | None) -> list[str]:
+    """The command line of a worker: argv without --nproc, with the resolved --out."""
+    res, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            res.append(a)
+    return res + (["--out", out] if out else [])
+
+
+def launch_train(args):
+    """--nproc N: run this command in N worker processes through torch.distributed.run."""
+    from . import zoo
+    from .training import TrainConfig, default_run_dir, distributed
+    out = None
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "checkpoint.safetensors").exists():
+            raise CLIError(f"{run_dir}: no checkpoint.safetensors to resume from")
+    elif not args.model:
+        raise CLIError("which model? e.g. 'cnnlab train lenet' (see 'cnnlab zoo')")
+    else:
+        data = args.data or (zoo.recipe(args.model)["data"] if args.model in zoo.MODELS
+                             else "mnist-5k")
+        run_dir = Path(args.out) if args.out else default_run_dir(TrainConfig(data=data),
+                                                                  Path(args.model).stem)
+        if (run_dir / "checkpoint.safetensors").exists() and not args.overwrite:
+            raise CLIError(f"{run_dir} already holds a run: continue it with 'cnnlab train "
+                           f"--resume {run_dir}', or pass --overwrite, or choose another --out")
+        out = None if args.out else str(run_dir)
+    if args.engine == "numpy":
+        raise CLIError("--nproc needs the torch engine")
+    os.environ["CNNLAB_LAUNCHER"] = "1"      # tells the workers that this process reports
+    try:
+        return distributed.launch(args.nproc, _worker_argv(args.argv, out))
+    except distributed.LaunchFailed as e:
+        if not str(e):
+            return e.code
+        ckpt = run_dir / "checkpoint.safetensors"
+        where = (f"the checkpoint of the last finished epoch is in {ckpt}\nresume with: "
+                 f"cnnlab train --resume {run_dir} --nproc {args.nproc}") if ckpt.exists() \
+            else "no checkpoint was written yet"
+        print(f"error: {e}\n{where}", file=sys.stderr)
+        return e.code
+    finally:
+        os.environ.pop("CNNLAB_LAUNCHER", None)
+
+
+def _train(args):
     from . import datasets, zoo
     from .augment import parse_augment
     from .training import TrainConfig, default_run_dir, fit, resume_run
     if args.resume:
         if args.model:
             raise CLIError("--resume takes the run directory; give no model with it")
+        if args.sync_bn:
+            raise CLIError("--sync-bn is part of the run's settings; it cannot change on --resume")
         resume_run(args.resume, epochs=args.epochs)
         return 0
     if not args.model:
@@ -178,7 +274,8 @@ def cmd_train(args):
              "weight_decay": args.weight_decay, "schedule": args.schedule, "loss": args.loss,
              "label_smoothing": args.label_smoothing, "augment": parse_augment(args.augment),
              "standardize": args.standardize, "val_split": args.val_split, "seed": args.seed,
-             "device": args.device, "engine": args.engine, "precision": args.precision}
+             "device": args.device, "engine": args.engine, "precision": args.precision,
+             "sync_bn": args.sync_bn}
     options.update({k: v for k, v in flags.items() if v is not None})
     if not options.get("augment"):
         options.pop("augment", None)
@@ -385,6 +482,7 @@ def main(argv=None) -> int:
     try:  # Ctrl-C while starting up (parser, imports): nothing began, exit quietly
         parser = build_parser()
         args = parser.parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)
         if not args.command:
             parser.print_help()
             return 2
@@ -421,4 +519,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if "torch.distributed" in sys.modules and os.environ.get("TORCHELASTIC_RUN_ID"):
+        from .training.distributed import exit_worker
+        exit_worker(code)   # a worker of torchrun or --nproc
+    sys.exit(code)

@@ -68,6 +68,7 @@ class TrainConfig:
     channels_last: bool = True
     out: str | None = None
     verbose: int = 1
+    sync_bn: bool = False                 # several ranks: BatchNorm over the global batch
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":

@@ -23,6 +23,7 @@ from ..console import EpochProgress
 from ..engines.base import Tally, resolve_engine
 from ..losses import LossError, resolve_loss
 from .config import TrainConfig, TrainingError, optimizer_options, scheduled_lr
+from . import distributed
 from .data import Prepared
 from .tricks import Lookahead
 
@@ -42,8 +43,8 @@ class StopRequest:
     half a step (BatchNorm statistics or RNG already moved, parameters half updated).
     A second Ctrl-C stops at once."""
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, quiet: bool = False):
+        self.requested, self.quiet = False, quiet
         self._old = None
 
     def __enter__(self):
@@ -55,8 +56,9 @@ class StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nstopping after this step (Ctrl-C again to stop at once)", file=sys.stderr,
-              flush=True)
+        if not self.quiet:
+            print("\nstopping after this step (Ctrl-C again to stop at once)",
+                  file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         if self._old is not None:
@@ -101,6 +103,9 @@ class Trainer:
         if len(data.class_names) > n_cls or (len(data.y_train) and data.y_train.max() >= n_cls):
             raise TrainingError(f"the data has {len(data.class_names)} classes but the model's "
                                 f"output has {n_cls}; use Dense({len(data.class_names)}) last")
+        self.world = distributed.current()
+        if self.world.size > 1 and resolve_engine(cfg.engine) != "torch":
+            raise TrainingError("several processes need the torch engine")
         self.backend = backend or make_backend(model, cfg, data, self.loss_kind)
         self.steps = max(1, math.ceil(len(data.x_train) / cfg.batch_size))
         self.history: list[dict] = []
@@ -153,11 +158,12 @@ class Trainer:
     # the loop -----------------------------------------------------------------
     def run(self) -> list[dict]:
         """Train to cfg.epochs (or an early stop); leaves the weights in the model."""
-        progress = EpochProgress(self.cfg.epochs, self.steps, self.cfg.verbose)
+        progress = EpochProgress(self.cfg.epochs, self.steps,
+                                 self.cfg.verbose if self.world.is_main else 0)
         self.model.stop_training = False
         for cb in self.callbacks:
             cb.on_train_begin()
-        with StopRequest() as stop:
+        with StopRequest(quiet=not self.world.is_main) as stop:
             try:
                 self._epochs(progress, stop)
             except Stop:
@@ -190,7 +196,7 @@ class Trainer:
             t0 = time.perf_counter()
             progress.start_epoch(epoch, self.step_in_epoch)
             while self.step_in_epoch < self.steps:
-                if stop.requested:   # only ever between two steps
+                if self.world.any(stop.requested):   # only between two steps, all ranks
                     raise Stop
                 s = self.step_in_epoch
                 idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
@@ -203,15 +209,17 @@ class Trainer:
                 self.step_in_epoch = s + 1
                 if self.lookahead is not None:
                     self.lookahead.after_step(be, epoch * self.steps + s + 1, self.total_steps)
-                if progress.live and (s % 10 == 9 or s + 1 == self.steps):
+                sync = progress.live or self.world.size > 1   # collect is a collective
+                if sync and (s % 10 == 9 or s + 1 == self.steps):
                     self.partial += be.collect()
                     progress.update(s + 1, self.logs(self.partial))
             self.partial += be.collect()
             logs = self.logs(self.partial)
-            if d.x_val is not None:
+            if d.x_val is not None and self.world.is_main:
                 logs.update({"val_" + k: v for k, v in be.evaluate(d.x_val, d.y_val).items()})
             logs["lr"] = be.lr
             logs["seconds"] = round(time.perf_counter() - t0, 3)
+            logs = self.world.broadcast(logs)   # every rank decides on rank 0's figures
             progress.end_epoch({k: v for k, v in logs.items() if k != "seconds"})
             self.history.append({"epoch": epoch + 1, **logs})
             self.epoch, self.step_in_epoch = epoch + 1, 0

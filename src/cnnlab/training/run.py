@@ -3,7 +3,8 @@
 With `out=` (always from the CLI) a run directory receives config.json, history.csv,
 checkpoint.safetensors after every epoch, and model.safetensors at the end (and on
 Ctrl-C). Every file is written atomically. A resume brings every file up to date, also
-for a run that had already finished.
+for a run that had already finished. With several ranks only rank 0 prints and writes;
+the others take part in the collectives (a checkpoint gathers every rank's RNG state).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from ..fileformat import atomic_write_bytes, pack, save, unpack
 from ..model import Model
 from .config import TrainConfig, TrainingError, TrainingInterrupted
 from .data import data_name, prepare_data
+from .distributed import current
 from .loop import Stop, Trainer
 from .tricks import init_model
 
@@ -53,6 +55,7 @@ class Run:
 
     def __init__(self, trainer: Trainer, run_dir: Path | None):
         self.trainer, self.dir = trainer, run_dir
+        self.main = trainer.world.is_main
         trainer.on_epoch_end = lambda t: self.save_epoch()
         trainer.on_interrupt = lambda t: self.save_interrupted()
 
@@ -61,6 +64,8 @@ class Run:
         return None if self.dir is None else self.dir / CHECKPOINT
 
     def write_config(self):
+        if not self.main:
+            return
         t = self.trainer
         config = {"train": asdict(t.cfg), "model": t.model.get_config(),
                   "environment": environment()}
@@ -79,7 +84,8 @@ class Run:
         meta = {"format": CHECKPOINT_FORMAT,
                 "trainer": {**t.state_json(), "config": asdict(t.cfg)},
                 "backend": backend_json, "model": t.model.get_config(), "meta": t.model.meta}
-        atomic_write_bytes(self.checkpoint, pack(tensors, meta))
+        if self.main:
+            atomic_write_bytes(self.checkpoint, pack(tensors, meta))
 
     def load_checkpoint(self):
         tensors, meta = read_checkpoint(self.checkpoint)
@@ -94,7 +100,7 @@ class Run:
 
     def write_history(self):
         history = self.trainer.history
-        if self.dir is None or not history:
+        if self.dir is None or not history or not self.main:
             return
         keys = list(dict.fromkeys(k for row in history for k in row))
         buf = io.StringIO()
@@ -115,6 +121,8 @@ class Run:
         t = self.trainer
         self.save_checkpoint()
         self.write_history()
+        if not self.main:
+            return
         t.model.set_weights(t.backend.export_weights())
         t.model.meta["training"] = {"dataset": t.cfg.data, "epochs": t.epoch,
                                     "engine": t.cfg.engine, "interrupted": True}
@@ -122,16 +130,17 @@ class Run:
 
     def interrupted_message(self, at_once: bool) -> str:
         t = self.trainer
+        ranks = f" --nproc {t.world.size}" if t.world.size > 1 else ""
         if at_once:
             if self.checkpoint is not None and self.checkpoint.exists():
                 return (f"stopped at once; the checkpoint of the last finished epoch is in "
-                        f"{self.checkpoint}\nresume with: cnnlab train --resume {self.dir}")
+                        f"{self.checkpoint}\nresume with: cnnlab train --resume {self.dir}{ranks}")
             return "stopped at once; nothing saved"
         where = f"epoch {t.epoch + 1}, step {t.step_in_epoch}/{t.steps}"
         if self.dir is None:
             return f"interrupted at {where}; no run directory, nothing saved"
         return (f"interrupted at {where}; checkpoint saved to {self.checkpoint}\n"
-                f"resume with: cnnlab train --resume {self.dir}")
+                f"resume with: cnnlab train --resume {self.dir}{ranks}")
 
     def train(self) -> list[dict]:
         """Run the trainer to the end, then evaluate on the test split and save the model."""
@@ -148,6 +157,8 @@ class Run:
     def finish(self):
         t = self.trainer
         model, cfg, d = t.model, t.cfg, t.data
+        if not self.main:
+            return
         summary = {"dataset": cfg.data if cfg.data != "arrays" else d.name,
                    "epochs": len(t.history), "engine": cfg.engine,
                    "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -218,10 +229,10 @@ def fit(model, data="mnist-5k", /, *, resume: str | os.PathLike | None = None,
     run_dir = Path(cfg.out) if cfg.out else None
     trainer = Trainer(model, cfg, prepared, callbacks=callbacks)  # checks all before writing
     run = Run(trainer, run_dir)
-    if run_dir is not None:
+    if run_dir is not None and run.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         run.write_config()
-    if cfg.verbose:
+    if cfg.verbose and run.main:
         print(f"Training {model.name} on {prepared.name}: {len(prepared.x_train):,} images, "
               f"{cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}, batch {cfg.batch_size}, "
               f"{cfg.optimizer} lr {cfg.lr:g}, engine {trainer.backend.name}")
@@ -245,6 +256,8 @@ def resume_run(run_dir, model=None, epochs: int | None = None):
     run_dir = Path(run_dir)
     _, meta = read_checkpoint(run_dir / CHECKPOINT)
     cfg = TrainConfig.from_dict(meta["trainer"]["config"]).check()
+    if not current().is_main:
+        cfg.verbose = 0   # not saved: only rank 0 writes the checkpoint
     if cfg.data == "arrays":
         raise TrainingError("a run trained on in-memory arrays cannot be resumed from the CLI")
     done = meta["trainer"]["epoch"]
@@ -278,6 +291,10 @@ def resume_run(run_dir, model=None, epochs: int | None = None):
         return History(trainer.history)
     if cfg.verbose:
         print(f"Resuming {run_dir} at epoch {trainer.epoch + 1}, step {trainer.step_in_epoch}")
+        ranks = meta["backend"].get("ranks", 1)
+        if ranks != trainer.world.size:
+            print(f"Note: trained so far on {ranks} rank{'s' if ranks > 1 else ''}, now "
+                  f"{trainer.world.size}: the run continues correctly, not bit-identically")
     if epochs is not None:
         run.write_config()
     return run.train()

@@ -5,18 +5,25 @@ gathers a batch by index, scales and standardizes it, augments it as a batch,
 and runs forward, loss, backward and the optimizer. Metrics accumulate on the
 device and are read back only when the loop asks (`collect`), so the CPU never
 waits for the device mid-epoch.
+
+In a process group (see `cnnlab.training.distributed`) the network is wrapped in
+DistributedDataParallel and each rank trains on its contiguous piece of every step's
+global batch, its loss scaled so that the averaged gradient is one process's
+(`_shard`); `collect` all-reduces the metric sums.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from ...augment import augment, flip_images
 from ...hardware import PrecisionChoice, auto_precision
 from ...training.config import param_groups
 from ..base import Tally, binary_output, evaluate_logits
-from .engine import TorchNet, export_weights, load_weights, param_names, resolve_device
+from .engine import (BatchNorm, TorchNet, _training, export_weights, load_weights, param_names,
+                     resolve_device)
 
 
 def make_torch_optimizer(optim, params):
@@ -76,6 +83,7 @@ class TorchBackend:
             self.net = self.net.to(memory_format=torch.channels_last)
         named = dict(param_names(self.net))
         self.params = list(named.values())
+        self.train_net = self._distribute(cfg)
         groups = [{"params": [named[n] for n in names], "lr_scale": scale, **opts}
                   for names, scale, opts in param_groups(cfg, named) if names]
         self.opt = make_torch_optimizer(optim, groups)  # biases apart: bias_lr, bias_decay
@@ -94,6 +102,9 @@ class TorchBackend:
             else f"CPU, {torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}"
         self.device_info = f"{kind}, {self.precision}" + \
             (", channels_last" if self.channels_last else "")
+        if self.world_size > 1:
+            self.device_info += (f"; {self.world_size} ranks ({dist.get_backend()}), "
+                                 f"{'SyncBatchNorm' if cfg.sync_bn else 'BatchNorm per rank'}")
 
     def _images(self, x_uint8: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(x_uint8)).permute(0, 3, 1, 2)
@@ -116,11 +127,14 @@ class TorchBackend:
             g["lr"] = lr * g.get("lr_scale", 1.0)
 
     def seed_epoch(self, seed):
-        torch.manual_seed(seed)  # dropout masks
+        torch.manual_seed(rank_seed(seed, self.rank))  # dropout masks
 
     def train_step(self, idx: np.ndarray, seed: int, flip=None):
         """flip: which images to mirror first (the loop's alternating flip), or None."""
         self.net.train()
+        global_batch = len(idx)
+        idx, weight = self._shard(idx)
+        seed = rank_seed(seed, self.rank)
         ii = torch.from_numpy(idx).to(self.device)
         xb, yb = self._batch(self.x.index_select(0, ii)), self.y.index_select(0, ii)
         if flip is not None:
@@ -128,11 +142,16 @@ class TorchBackend:
         if self.cfg.augment:
             xb = augment(xb, self.cfg.augment, np.random.default_rng(seed))
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            logits = self.net(xb)
+            logits = self.train_net(xb)
             loss = loss_fn(self.loss_kind, logits.float(), yb, self.cfg.label_smoothing)
         self.opt.zero_grad(set_to_none=True)
-        (loss * len(idx) if self.cfg.loss_reduction == "sum" else loss).backward()
+        # summed loss: the global batch's sum; across ranks, `weight` makes DDP's mean of the
+        # ranks' gradients equal one process's gradient of the whole batch
+        scale = weight * (global_batch if self.cfg.loss_reduction == "sum" else 1)
+        (loss if scale == 1 else loss * scale).backward()
         self.opt.step()
+        if weight == 0:  # a rank without images this step counts nothing
+            return
         with torch.no_grad():
             self._count(self.sums, loss, logits, yb)
             self.seen += len(idx)
@@ -147,8 +166,12 @@ class TorchBackend:
 
     def collect(self) -> Tally:
         """The metrics of the steps since the last collect (one device sync)."""
-        s = self.sums.tolist()
-        out = Tally(s[0], int(s[1]), int(s[2]), self.seen)
+        s = self.sums.tolist() + [self.seen]
+        if self.world_size > 1:  # float64 sums: exact for the counts, the loss to rounding
+            t = torch.tensor(s, dtype=torch.float64, device=self.sums.device)
+            dist.all_reduce(t)
+            s = t.tolist()
+        out = Tally(s[0], int(s[1]), int(s[2]), int(s[3]))
         self.sums.zero_()
         self.seen = 0
         return out
@@ -183,10 +206,11 @@ class TorchBackend:
                     tensors[f"opt.{pid}.{key}"] = val.detach().cpu().numpy()
                 else:
                     opt_json["scalars"][f"{pid}.{key}"] = val
-        tensors["rng.torch"] = torch.get_rng_state().numpy()
-        if self.device.type == "cuda":
-            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device).numpy()
-        return tensors, {"optimizer": opt_json, "engine": "torch"}
+        tensors.update(self._rng_states())
+        meta = {"optimizer": opt_json, "engine": "torch"}
+        if self.world_size > 1:
+            meta["ranks"] = self.world_size
+        return tensors, meta
 
     def load_state(self, tensors, meta):
         self.set_weights({k[2:]: v for k, v in tensors.items() if k.startswith("w.")})
@@ -200,6 +224,107 @@ class TorchBackend:
             pid, key = k.split(".", 1)
             state.setdefault(int(pid), {})[key] = v
         self.opt.load_state_dict({"state": state, "param_groups": opt_json["param_groups"]})
-        torch.set_rng_state(torch.from_numpy(np.array(tensors["rng.torch"])))
-        if "rng.cuda" in tensors and self.device.type == "cuda":
-            torch.cuda.set_rng_state(torch.from_numpy(np.array(tensors["rng.cuda"])), self.device)
+        self._load_rng(tensors, meta.get("ranks", 1))
+
+    # data parallelism ------------------------------------------------------------------
+    def _distribute(self, cfg):
+        """The module a training step calls: the network itself, or in a process group
+        the network wrapped in DDP (its BatchNorm layers synchronized with cfg.sync_bn)."""
+        grouped = dist.is_available() and dist.is_initialized()
+        self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if grouped \
+            else (0, 1)
+        if self.world_size == 1:
+            return self.net
+        self.sync_bn = [m for m in self.net.modules() if isinstance(m, BatchNorm)] \
+            if cfg.sync_bn else []
+        for m in self.sync_bn:
+            m.__class__ = SyncBatchNorm
+        from torch.nn.parallel import DistributedDataParallel
+        return DistributedDataParallel(
+            self.net,
+            device_ids=[torch.cuda.current_device()] if self.device.type == "cuda" else None)
+
+    def _shard(self, idx: np.ndarray):
+        """(this rank's piece of the global batch idx, its loss weight n_r * N / B).
+
+        Pieces as np.array_split cuts them. A rank left without an image (a last batch
+        smaller than the number of ranks) runs the batch's first image with weight 0:
+        no gradient, no metrics, no SyncBatchNorm statistics."""
+        if self.world_size == 1:
+            return idx, 1
+        n, size = len(idx), self.world_size
+        lo = self.rank * (n // size) + min(self.rank, n % size)
+        mine = idx[lo:lo + n // size + (self.rank < n % size)]
+        for m in self.sync_bn:
+            m.global_images, m.empty = n, len(mine) == 0
+        if len(mine) == 0:
+            return idx[:1], 0
+        return mine, len(mine) * size / n
+
+    def _rng_states(self) -> dict:
+        """The torch RNG state of every rank: rank 0's as `rng.torch` (as one process
+        saves it), rank r's as `rng.torch.r<r>`; a collective in a process group."""
+        own = {"rng.torch": torch.get_rng_state().numpy()}
+        if self.device.type == "cuda":
+            own["rng.cuda"] = torch.cuda.get_rng_state(self.device).numpy()
+        if self.world_size == 1:
+            return own
+        every = [None] * self.world_size
+        dist.all_gather_object(every, own)
+        out = dict(every[0])
+        for r, st in enumerate(every[1:], 1):
+            out.update({f"{k}.r{r}": v for k, v in st.items()})
+        return out
+
+    def _load_rng(self, tensors, ranks: int):
+        """This rank's RNG state when the checkpoint has the same number of ranks; with
+        another number, rank r > 0 starts from a seed of its own (correct, not identical)."""
+        suffix = f".r{self.rank}" if self.rank else ""
+        if ranks != self.world_size or f"rng.torch{suffix}" not in tensors:
+            suffix = ""
+            if self.rank:
+                torch.manual_seed(rank_seed(self.cfg.seed, self.rank))
+                return
+        torch.set_rng_state(torch.from_numpy(np.array(tensors[f"rng.torch{suffix}"])))
+        if f"rng.cuda{suffix}" in tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(torch.from_numpy(np.array(tensors[f"rng.cuda{suffix}"])),
+                                     self.device)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed rank r uses for what is drawn per rank (augmentation, dropout): the seed
+    itself on rank 0 (so one process is unchanged), a distinct 63-bit seed on the others."""
+    if rank == 0:
+        return seed
+    state = np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)
+    return int(state[0] >> np.uint64(1))
+
+
+class SyncBatchNorm(BatchNorm):
+    """BatchNorm with the statistics of the global batch in training, over all ranks:
+        mu  = allreduce(sum x) / M,  var = allreduce(sum (x - mu)^2) / M,
+    M = B * H * W for the global batch of B images (the backend sets B per step). The
+    all-reduces are differentiable, so the gradients are one process's; the moving
+    statistics follow BatchNorm's rule with M. Inference is BatchNorm's."""
+    global_images = 0
+    empty = False
+
+    def transform(self, x):
+        if not _training(self):
+            return super().transform(x)
+        from torch.distributed.nn.functional import all_reduce
+        lay = self.layer
+        dims = [0, *range(2, x.dim())]
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        keep = 0.0 if self.empty else 1.0
+        m = self.global_images * (x[0].numel() // x.shape[1])
+        mu = all_reduce(x.sum(dims) * keep) / m
+        xc = x - mu.view(shape)
+        var = all_reduce((xc * xc).sum(dims) * keep) / m
+        with torch.no_grad():
+            k = lay.momentum
+            self.moving_mean.copy_(k * self.moving_mean + (1 - k) * mu)
+            self.moving_variance.copy_(k * self.moving_variance
+                                       + (1 - k) * var * m / max(m - 1, 1))
+        return xc * torch.rsqrt(var.view(shape) + lay.epsilon) * self.gamma.view(shape) + \
+            self.beta.view(shape)
