@@ -518,9 +518,15 @@ def main(argv=None) -> int:
         return 1
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """`python -m cnnlab` / `python -m cnnlab.cli`: main(), then the exit a worker of
+    torchrun or --nproc needs."""
     code = main()
     if "torch.distributed" in sys.modules and os.environ.get("TORCHELASTIC_RUN_ID"):
         from .training.distributed import exit_worker
-        exit_worker(code)   # a worker of torchrun or --nproc
+        exit_worker(code)
     sys.exit(code)
+
+
+if __name__ == "__main__":
+    run()
