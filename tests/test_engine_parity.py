@@ -37,3 +37,13 @@ def test_batchnorm_on_one_value_per_channel_trains_as_numpy(dims):
     model.init_weights(1)
     x = np.random.default_rng(0).normal(size=(1, *dims))
     check_training(model, x, np.random.default_rng(1), "crossentropy", 0.0)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(models())
+def test_random_model_json_round_trips_exactly(case):
+    model = case[0]
+    again = Sequential.from_json(model.to_json())
+    assert again.get_config() == model.get_config()
+    assert again.count_params() == model.count_params()
+    assert again.layer_shapes == model.layer_shapes
