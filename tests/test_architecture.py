@@ -48,8 +48,12 @@ def graph() -> dict[str, set[str]]:
         for dep in imports_of(path):
             while dep not in modules and "." in dep:
                 dep = dep.rpartition(".")[0]
-            if dep != name and dep in modules:
-                deps.add(dep)
+            # importing a.b.c runs the packages a and a.b first (their __init__ modules)
+            parts = dep.split(".")
+            for k in range(2, len(parts) + 1):
+                d = ".".join(parts[:k])
+                if d in modules and d != name and not name.startswith(d + "."):
+                    deps.add(d)
         g[name] = deps
     return g
 

@@ -318,3 +318,19 @@ def test_transfer_learning_keeps_frozen_weights_and_trains_the_head(mnist5k, eng
             assert not np.array_equal(model.weights[k], v), k
         else:
             assert np.array_equal(model.weights[k], v), k
+
+
+def test_fit_with_resume_refuses_settings_it_would_ignore(mnist5k, tmp_path):
+    run = tmp_path / "run"
+    fit(zoo.build("lenet"), small(mnist5k, 200), epochs=1, verbose=0, out=str(run))
+    with pytest.raises(TrainingError, match="lr cannot change"):
+        fit(zoo.build("lenet"), resume=run, lr=0.5)
+    h = fit(zoo.build("lenet"), resume=run, epochs=2, verbose=0)
+    assert len(h) == 2
+    with pytest.raises(TrainingError, match=r"momentum must be in \[0, 1\)"):
+        TrainConfig(optimizer="sgd", momentum=1.0).check()
+    import stat
+    mode = stat.S_IMODE((run / "model.safetensors").stat().st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask     # readable by whoever a new file is readable by

@@ -104,7 +104,8 @@ def atomic_writer(path, suffix: str = ".tmp"):
     try:
         # name the file before creating it, so an interrupt at any point knows what to remove
         tmp = str(path.parent / f"{temp_prefix()}{secrets.token_hex(4)}-{path.name}{suffix}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+        # 0o666: the umask applies, so the file gets the permissions any new file would
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         with os.fdopen(fd, "wb") as f:
             fd = -1  # owned by f now
             yield f

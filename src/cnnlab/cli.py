@@ -50,6 +50,7 @@ def _add_engine(p, default="auto"):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .training.config import OPTIMIZERS, SCHEDULES   # one list, the config's
     from .version import __version__
     parser = argparse.ArgumentParser(
         prog="cnnlab", description="Define, train, inspect and serve CNNs for image "
@@ -76,12 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="colour mode for a folder of images (default: rgb if any is colour)")
     t.add_argument("--epochs", type=int, help="(default: the recipe's, else 10)")
     t.add_argument("--batch-size", type=int, help="(default: the recipe's, else 32)")
-    t.add_argument("--optimizer", choices=["sgd", "adam", "adamw", "rmsprop"])
+    t.add_argument("--optimizer", choices=OPTIMIZERS)
     t.add_argument("--lr", type=float, help="learning rate")
     t.add_argument("--momentum", type=float, help="SGD/RMSprop momentum")
     t.add_argument("--nesterov", action="store_true", default=None, help="Nesterov momentum (SGD)")
     t.add_argument("--weight-decay", type=float)
-    t.add_argument("--schedule", choices=["constant", "step", "cosine", "onecycle", "plateau"])
+    t.add_argument("--schedule", choices=SCHEDULES)
     t.add_argument("--loss", choices=["categorical_crossentropy", "binary_crossentropy", "mse"])
     t.add_argument("--label-smoothing", type=float)
     t.add_argument("--augment", help="e.g. 'translate=0.1,flip,rotate=10,zoom=0.1,noise=0.02,"

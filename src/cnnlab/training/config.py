@@ -101,6 +101,8 @@ class TrainConfig:
         except LossError as e:
             raise TrainingError(str(e)) from None
         need(self.weight_decay is None or self.weight_decay >= 0, "weight_decay must be >= 0")
+        need(isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1,
+             f"momentum must be in [0, 1), got {self.momentum!r}")
         need(not self.nesterov or (self.optimizer == "sgd" and self.momentum > 0),
              "nesterov needs the sgd optimizer and a momentum > 0 (e.g. --momentum 0.9)")
         need(self.lr > 0 and math.isfinite(self.lr), f"lr must be > 0, got {self.lr}")

@@ -22,7 +22,7 @@ from ..augment import alternating_flip
 from ..console import EpochProgress
 from ..engines.base import Tally, resolve_engine
 from ..losses import LossError, resolve_loss
-from .config import TrainConfig, TrainingError, optimizer_options, scheduled_lr
+from .config import TrainConfig, TrainingError, param_groups, scheduled_lr
 from . import distributed
 from .data import Prepared
 from .tricks import Lookahead
@@ -75,7 +75,8 @@ def better(monitor: str, value: float, best, min_delta: float) -> bool:
 
 def make_backend(model, cfg: TrainConfig, data: Prepared, loss_kind: str):
     """The engine's training backend, given the resolved loss and optimizer settings."""
-    optim = (cfg.optimizer, cfg.lr, optimizer_options(cfg))
+    # (name, lr, [(parameter names, lr multiplier, options)]): resolved once, here
+    optim = (cfg.optimizer, cfg.lr, param_groups(cfg, model.trainable_names()))
     if resolve_engine(cfg.engine) == "numpy":
         if cfg.device not in ("auto", "cpu"):
             raise TrainingError(f"the NumPy engine runs on the CPU; --device {cfg.device} "

@@ -215,8 +215,14 @@ def fit(model, data="mnist-5k", /, *, resume: str | os.PathLike | None = None,
     one continues from its weights. validation_data: an (x, y) pair to validate on;
     callbacks: `cnnlab.callbacks` objects (Keras' EarlyStopping, ModelCheckpoint, ...).
     """
-    if resume is not None:
-        return resume_run(resume, model=model)
+    if resume is not None:   # the run's own settings hold; only epochs may extend it
+        extra = sorted(set(options) - {"epochs", "verbose"})
+        if extra or validation_data is not None or callbacks:
+            given = extra + (["validation_data"] if validation_data is not None else []) + \
+                (["callbacks"] if callbacks else [])
+            raise TrainingError(f"a resumed run keeps its own settings; {', '.join(given)} "
+                                f"cannot change (resume=..., epochs=N may extend it)")
+        return resume_run(resume, model=model, epochs=options.get("epochs"))
     options.setdefault("data", data_name(data))
     cfg = TrainConfig.from_dict(options).check()
     prepared = prepare_data(data, cfg, model.input_shape, validation_data)

@@ -11,7 +11,6 @@ import numpy as np
 from ...augment import augment, flip_images
 from ...hardware import PrecisionChoice
 from ...preprocess import apply
-from ...training.config import param_groups
 from ..base import Tally, evaluate_logits
 from .engine import NumpyEngine
 from .optim import make_optimizer
@@ -23,15 +22,17 @@ class NumpyBackend:
     precision = PrecisionChoice("fp32", "the NumPy engine computes in float32")
 
     def __init__(self, model, cfg, data, loss_kind: str, optim):
+        """optim: (optimizer name, lr, [(parameter names, lr multiplier, options)]), as the
+        Trainer resolves them (cnnlab.training.config.param_groups)."""
         self.model, self.cfg, self.loss_kind = model, cfg, loss_kind
         self.engine = NumpyEngine(model)
         trainable = set(model.trainable_names())
         self.params = {k: v for k, v in model.weights.items() if k in trainable}
-        name, lr, opts = optim
+        name, lr, groups = optim
         # one optimizer per parameter group (biases apart with bias_lr / bias_decay)
         self.groups = [(make_optimizer(name, {k: self.params[k] for k in names}, lr * scale,
                                        **group_opts), scale)
-                       for names, scale, group_opts in param_groups(cfg, self.params)]
+                       for names, scale, group_opts in groups]
         self.opt = self.groups[0][0]
         self.x, self.y, self.prep = data.x_train, data.y_train, data.preprocessing
         self.tally = Tally()

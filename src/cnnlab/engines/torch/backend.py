@@ -20,18 +20,16 @@ import torch.nn.functional as F
 
 from ...augment import augment, flip_images
 from ...hardware import PrecisionChoice, auto_precision
-from ...training.config import param_groups
 from ..base import Tally, binary_output, evaluate_logits
 from .engine import (BatchNorm, TorchNet, _training, export_weights, load_weights, param_names,
                      resolve_device)
 
 
-def make_torch_optimizer(optim, params):
-    """optim: (name, lr, options) as the Trainer resolves them."""
-    name, lr, opts = optim
+def make_torch_optimizer(name, lr, groups):
+    """A torch optimizer over parameter groups (dicts with their own options)."""
     make = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
             "rmsprop": torch.optim.RMSprop}[name]
-    return make(params, lr=lr, **opts)
+    return make(groups, lr=lr)
 
 
 def precision_of(asked: str, device) -> PrecisionChoice:
@@ -84,13 +82,15 @@ class TorchBackend:
         named = dict(param_names(self.net))
         self.params = list(named.values())
         self.train_net = self._distribute(cfg)
+        name, lr, groups = optim   # biases apart with bias_lr / bias_decay
         groups = [{"params": [named[n] for n in names], "lr_scale": scale, **opts}
-                  for names, scale, opts in param_groups(cfg, named) if names]
-        self.opt = make_torch_optimizer(optim, groups)  # biases apart: bias_lr, bias_decay
+                  for names, scale, opts in groups if names]
+        self.opt = make_torch_optimizer(name, lr, groups)
         self.x = self._images(data.x_train)
         self.y = torch.from_numpy(data.y_train).to(self.device)
         prep = data.preprocessing
         c = model.input_shape[-1]
+        self.scale = float(prep.get("scale", 1 / 255))
         self.mean = torch.tensor(prep["mean"], dtype=torch.float32, device=self.device).view(1, c, 1, 1)
         self.inv_std = (1 / torch.tensor(prep["std"], dtype=torch.float32,
                                          device=self.device)).view(1, c, 1, 1)
@@ -111,7 +111,7 @@ class TorchBackend:
         return t.to(self.device)  # stays uint8: 4x less memory than float
 
     def _batch(self, x_uint8: torch.Tensor) -> torch.Tensor:
-        xb = (x_uint8.float() * (1 / 255) - self.mean) * self.inv_std
+        xb = (x_uint8.float() * self.scale - self.mean) * self.inv_std   # preprocess.apply
         if self.channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
         return xb
