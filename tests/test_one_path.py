@@ -130,3 +130,16 @@ def test_one_unit_outputs_mean_the_same_in_both_engines():
         NumpyEngine(linear).loss_and_grads(x.astype(np.float32), y, "mse")
     sig = Sequential([Input((4, 4, 1)), Flatten(), Dense(1, activation="sigmoid")])
     assert list(predicted_classes(sig, np.array([[-1.0], [0.5]]))) == [0, 1]
+
+
+def test_float_images_mean_the_same_to_fit_predict_and_evaluate():
+    model = zoo.build("lenet")
+    bad = np.full((2, 28, 28, 1), 200.0)             # 0..255 floats: not divided by 255
+    for call in (lambda: model.predict(bad), lambda: model.evaluate((bad, np.array([0, 1]))),
+                 lambda: fit(model, (bad, np.array([0, 1])), epochs=1, verbose=0)):
+        with pytest.raises((ValueError, TrainingError), match=r"float images must be in \[0, 1\]"):
+            call()
+    ok = np.full((2, 28, 28, 1), 200 / 255)
+    np.testing.assert_allclose(model.predict(ok, engine="numpy"),
+                               model.predict(np.full((2, 28, 28, 1), 200, np.uint8),
+                                             engine="numpy"), atol=1e-6)

@@ -53,10 +53,23 @@ def _is_files(images) -> bool:
         isinstance(p, (str, os.PathLike, bytes, bytearray)) for p in images)
 
 
+def check_pixels(x: np.ndarray) -> np.ndarray:
+    """Images are uint8 pixels or floats in [0, 1] (as Keras tutorials divide by 255);
+    anything else is refused rather than misread (ValueError)."""
+    if x.dtype == np.uint8:
+        return x
+    if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+        raise ValueError(f"images must be uint8 pixels or floats in [0, 1], got {x.dtype}")
+    if x.size and not (np.isfinite(x).all() and x.min() >= 0 and x.max() <= 1):
+        raise ValueError(f"float images must be in [0, 1] (got {np.nanmin(x):g} .. "
+                         f"{np.nanmax(x):g}); pass uint8 pixels or divide by 255")
+    return x
+
+
 def as_batch(images, input_shape=None) -> np.ndarray:
     """Arrays -> (N, H, W, C): a single image gets N = 1, a grey (N, H, W) batch gets C = 1.
     With input_shape the result must fit it (ValueError otherwise)."""
-    x = np.asarray(images)
+    x = check_pixels(np.asarray(images))
     shape = None if input_shape is None else tuple(input_shape)
     if x.ndim == 2:
         x = x[None, ..., None]

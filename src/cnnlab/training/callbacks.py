@@ -29,6 +29,12 @@ class Callback:
     def weights(self) -> dict:
         return self.trainer.backend.export_weights()
 
+    @property
+    def writes(self) -> bool:
+        """Whether this process writes files: the only one, or rank 0 of several."""
+        world = getattr(self.trainer, "world", None)
+        return world is None or world.is_main
+
     def on_train_begin(self, logs=None): ...
     def on_train_end(self, logs=None): ...
     def on_epoch_begin(self, epoch, logs=None): ...
@@ -158,7 +164,8 @@ class LearningRateScheduler(Callback):
 class ModelCheckpoint(_Monitor):
     """Save the model after each epoch to `filepath` (which may name {epoch} and any
     metric, e.g. "ckpt-{epoch:02d}-{val_loss:.3f}.safetensors"); with save_best_only,
-    only when `monitor` improved."""
+    only when `monitor` improved. A cnnlab model file always holds the weights and the
+    description, so save_weights_only changes nothing. In several processes, rank 0 saves."""
 
     def __init__(self, filepath, monitor="val_loss", verbose=0, save_best_only=False,
                  save_weights_only=False, mode="auto", save_freq="epoch",
@@ -176,6 +183,8 @@ class ModelCheckpoint(_Monitor):
             if not self.improved(self.value(logs)):
                 return
             self.best = logs[self.monitor]
+        if not self.writes:
+            return
         path = Path(self.filepath.format(epoch=epoch + 1, **logs))
         model = self.model.copy()
         model.set_weights(self.weights())
@@ -193,10 +202,12 @@ class CSVLogger(Callback):
         self.keys = None
 
     def on_train_begin(self, logs=None):
-        if not self.append and self.filename.exists():
+        if self.writes and not self.append and self.filename.exists():
             self.filename.unlink()
 
     def on_epoch_end(self, epoch, logs=None):
+        if not self.writes:
+            return
         logs = dict(logs or {})
         new = not self.filename.exists() or self.filename.stat().st_size == 0
         if self.keys is None:

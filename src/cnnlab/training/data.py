@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import datasets
-from ..inputs import color_of
+from ..inputs import check_pixels, color_of
 from ..preprocess import make_preprocessing
 from .config import TrainConfig, TrainingError
 
@@ -39,10 +39,10 @@ def arrays_to_uint8(x, y):
         raise TrainingError(f"labels must be (N,) integers or (N, classes) one-hot rows "
                             f"for {len(x)} images, got shape {np.shape(y)}")
     if x.dtype != np.uint8:
-        x = np.asarray(x, np.float32)
-        if x.size and (x.min() < 0 or x.max() > 1):
-            raise TrainingError(f"float images must be in [0, 1] (got {x.min():g} .. "
-                                f"{x.max():g}); pass uint8 pixels or divide by 255")
+        try:
+            x = check_pixels(np.asarray(x, np.float32))
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
         x = np.round(x * 255).astype(np.uint8)
     if x.ndim == 3:
         x = x[..., None]
