@@ -70,6 +70,13 @@ def _bytes(n: int) -> str:
 SHOWN = ("loss", "accuracy", "val_loss", "val_accuracy")
 
 
+def clock(seconds: float) -> str:
+    """12 -> '0:12', 3725 -> '1:02:05'."""
+    s = int(round(seconds))
+    h, m = divmod(s // 60, 60)
+    return f"{h}:{m:02d}:{s % 60:02d}" if h else f"{m}:{s % 60:02d}"
+
+
 def format_metrics(logs: dict) -> str:
     return " - ".join(f"{k}: {v:.4f}" for k, v in logs.items() if v is not None)
 
@@ -83,6 +90,7 @@ class EpochProgress:
         self.file = file or sys.stdout
         self.console = Console(file=self.file, highlight=False)
         self._progress = None
+        self.spent, self.timed = 0.0, 0   # epochs timed by this process, for the run ETA
 
     def start_epoch(self, epoch: int, start_step: int = 0):
         self.t0 = time.perf_counter()
@@ -115,7 +123,11 @@ class EpochProgress:
             shown = {k: v for k, v in logs.items() if k in SHOWN}
             head = f"{self.steps}/{self.steps}" if self.verbose == 1 else \
                 f"Epoch {self.epoch + 1}/{self.epochs}"
-            print(f"{head} - {secs:.1f}s - {format_metrics(shown)}", file=self.file, flush=True)
+            self.spent, self.timed = self.spent + secs, self.timed + 1
+            left = self.epochs - self.epoch - 1
+            eta = f" - run ETA {clock(self.spent / self.timed * left)}" if left > 0 else ""
+            print(f"{head} - {secs:.1f}s - {format_metrics(shown)}{eta}", file=self.file,
+                  flush=True)
 
     def close(self):
         if self._progress is not None:

@@ -18,7 +18,7 @@ import math
 from pathlib import Path
 
 from ..fileformat import save
-from .config import TrainingError
+from .config import TrainingError, bigger_is_better
 
 
 class Callback:
@@ -48,8 +48,7 @@ class _Monitor(Callback):
         if mode not in ("auto", "min", "max"):
             raise TrainingError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
         self.monitor, self.min_delta = monitor, abs(min_delta)
-        self.bigger = mode == "max" or (mode == "auto" and ("acc" in monitor
-                                                           or monitor.startswith("fmeasure")))
+        self.bigger = mode == "max" or (mode == "auto" and bigger_is_better(monitor))
         self.best = -math.inf if self.bigger else math.inf
 
     def value(self, logs):

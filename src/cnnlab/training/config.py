@@ -191,6 +191,12 @@ def param_groups(cfg: TrainConfig, names) -> list[tuple[list[str], float, dict]]
     return [(others, 1.0, opts), (biases, cfg.bias_lr, bias_opts)]
 
 
+def bigger_is_better(monitor: str) -> bool:
+    """Whether a larger value of a monitored metric is an improvement (Keras' 'auto' mode:
+    accuracy-like metrics go up, losses go down)."""
+    return "acc" in monitor or monitor.startswith("fmeasure")
+
+
 def optimizer_options(cfg: TrainConfig) -> dict:
     """The optimizer settings of a config, as both engines read them (PyTorch semantics;
     AdamW's weight decay defaults to 0.01 when not given; decoupled sgd: sgd_scales)."""

@@ -22,7 +22,7 @@ from ..augment import alternating_flip
 from ..console import EpochProgress
 from ..engines.base import Tally, resolve_engine
 from ..losses import LossError, resolve_loss
-from .config import TrainConfig, TrainingError, param_groups, scheduled_lr
+from .config import TrainConfig, TrainingError, bigger_is_better, param_groups, scheduled_lr
 from . import distributed
 from .data import Prepared
 from .tricks import Lookahead
@@ -66,9 +66,10 @@ class StopRequest:
 
 
 def better(monitor: str, value: float, best, min_delta: float) -> bool:
+    """Whether `value` improves on `best` by more than min_delta (None: nothing yet)."""
     if best is None:
         return True
-    if "accuracy" in monitor:
+    if bigger_is_better(monitor):
         return value > best + min_delta
     return value < best - min_delta
 
