@@ -54,6 +54,9 @@ def time_run(model_name, data, args, seed):
     for key in ("epochs", "precision", "batch_size", "engine"):
         if getattr(args, key) is not None:
             recipe[key] = getattr(args, key)
+    for item in args.set:   # KEY=JSON: any training option, e.g. augment={"crop": 2}
+        key, _, value = item.partition("=")
+        recipe[key] = json.loads(value)
     curve = []
     real_save = run_module.Run.save_epoch
 
@@ -73,15 +76,20 @@ def time_run(model_name, data, args, seed):
         res = evaluate(model, ds, tta=args.tta, precision=recipe.get("precision", "fp32"))
         tta = res["accuracy"]
         curve.append((round(time.perf_counter() - t0, 2), tta))
+    fp32_eval = None
+    if args.eval_fp32:   # the same weights evaluated in fp32 (not timed in the curve)
+        fp32_eval = evaluate(model, ds, precision="fp32")["accuracy"]
+        print(f"evaluated in fp32: {fp32_eval:.4f}")
     precision = recipe.get("precision", "fp32")
     if precision == "auto":   # what it chose here
         import torch
         kind = "cuda" if torch.cuda.is_available() and recipe.get("device") != "cpu" else "cpu"
         precision = f"auto: {hardware.auto_precision(kind).precision}"
     return {"model": model_name, "data": data, "seed": seed, "epochs": len(hist),
-            "classes": ds.num_classes, "precision": precision, "batch_size": recipe["batch_size"],
+            "classes": ds.num_classes, "precision": precision, "overrides": args.set,
+            "batch_size": recipe["batch_size"],
             "train_images": int(len(ds.x_train)), "accuracy": hist[-1].get("val_accuracy"),
-            "tta": args.tta, "tta_accuracy": tta, "wall_seconds": curve[-1][0],
+            "tta": args.tta, "tta_accuracy": tta, "fp32_eval_accuracy": fp32_eval, "wall_seconds": curve[-1][0],
             "epoch_images_per_s": round(len(ds.x_train) * len(hist) / train_seconds, 1),
             "curve": curve, "note": args.note, "machine": machine(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -141,6 +149,11 @@ def draw(runs):
     plt.close(fig)
 
 
+def note(r) -> str:
+    changed = ", ".join(f"`{o}`" for o in r.get("overrides", []))
+    return "; ".join(x for x in (changed, r.get("note")) if x)
+
+
 def write_results(store):
     rows = ["| model | data | precision | epochs | seed | test accuracy | with TTA | wall time "
             "| train images/s | date | note |",
@@ -149,7 +162,7 @@ def write_results(store):
         tta = "" if r["tta_accuracy"] is None else f"{r['tta_accuracy']:.4f} (level {r['tta']})"
         rows.append(f"| {r['model']} | {r['data']} | {r['precision']} | {r['epochs']} | "
                     f"{r['seed']} | {r['accuracy']:.4f} | {tta} | {r['wall_seconds'] / 60:.1f} min "
-                    f"| {r['epoch_images_per_s']:.0f} | {r['date'][:10]} | {r['note'] or ''} |")
+                    f"| {r['epoch_images_per_s']:.0f} | {r['date'][:10]} | {note(r)} |")
     tp = ["| model | precision | batch | images/s | device | date | note |",
           "| --- | --- | ---: | ---: | --- | --- | --- |"]
     for r in store["throughput"]:
@@ -177,6 +190,10 @@ def main():
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--precision", choices=["fp32", "bf16", "auto"])
     ap.add_argument("--engine", choices=["torch", "numpy"])
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                    help="override a recipe option, e.g. --set 'label_smoothing=0.1'")
+    ap.add_argument("--eval-fp32", action="store_true",
+                    help="also evaluate the final weights in fp32 (after the timed run)")
     ap.add_argument("--tta", type=int, default=2, choices=[0, 1, 2])
     ap.add_argument("--throughput", metavar="MODEL", help="measure training images/s instead")
     ap.add_argument("--precisions", default="fp32,bf16")

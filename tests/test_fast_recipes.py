@@ -585,3 +585,32 @@ def test_evaluate_in_bf16_is_close_to_fp32():
     assert bf16["loss"] == pytest.approx(fp32["loss"], rel=2e-2)
     with pytest.raises(ValueError, match="tta must be one of 0, 1, 2"):
         evaluate(model, (x, y), tta=4)
+
+
+# the run's time, said up front -----------------------------------------------------------
+@pytest.mark.parametrize("seconds_per_step, shown", [(10.0, True), (0.01, False)])
+def test_a_long_run_says_up_front_how_long_it_will_take(monkeypatch, capsys,
+                                                        seconds_per_step, shown):
+    from cnnlab.layers import Dense, Flatten, Input
+    from cnnlab.engines.numpy.backend import NumpyBackend
+    from cnnlab.training import fit, loop
+    clock = {"t": 0.0}
+    real_step = NumpyBackend.train_step
+
+    def slow_step(self, *a, **k):   # every step seems to take seconds_per_step
+        clock["t"] += seconds_per_step
+        return real_step(self, *a, **k)
+    monkeypatch.setattr(NumpyBackend, "train_step", slow_step)
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: clock["t"])
+    x = np.random.default_rng(0).integers(0, 256, (64, 4, 4, 1), dtype=np.uint8)
+    y = np.arange(64) % 2
+    model = Sequential([Input((4, 4, 1)), Flatten(), Dense(2, activation="softmax")])
+    fit(model, (x, y), epochs=3, batch_size=4, engine="numpy", verbose=2)
+    out = capsys.readouterr().out
+    notes = [line for line in out.splitlines() if line.startswith("This run will take")]
+    if not shown:
+        assert notes == []
+        return
+    # 48 steps of which 4 are done when it speaks
+    assert len(notes) == 1
+    assert "about 7 min more" in notes[0], notes[0]   # 44 steps of 10 s

@@ -457,15 +457,27 @@ def cmd_zoo(args):
     for name in zoo.MODELS:
         m, r = zoo.build(name), zoo.recipe(name)
         rows.append({"name": name, "params": m.count_params()[0], "input": list(m.input_shape),
-                     **r})
+                     **r, "measured": zoo.measured(name)})
     if args.json:
         print(json.dumps(rows))
         return 0
-    print(table(["model", "params", "data", "recipe", "description"],
-                [(r["name"], f"{r['params']:,}", r["data"],
-                  f"{r['optimizer']} lr {r['lr']:g}, {r['epochs']} ep, bs {r['batch_size']}"
-                  + (", aug" if r.get("augment") else ""), r["description"]) for r in rows],
-                justify={0: "left", 2: "left", 3: "left", 4: "left"}))
+
+    def measured(m):
+        if not m:
+            return "not measured yet"
+        acc = f"{100 * m['accuracy']:.1f}%"
+        if m.get("tta_accuracy"):
+            acc += f" ({100 * m['tta_accuracy']:.1f}% TTA)"
+        return f"{acc} on {m['data']} in {m['minutes']:.1f} min, {m['machine']}"
+    print(table(["model", "params", "input", "description"],
+                [(r["name"], f"{r['params']:,}", "x".join(map(str, r["input"])),
+                  r["description"]) for r in rows],
+                justify={0: "left", 3: "left"}))
+    print(table(["model", "recipe (cnnlab train MODEL)", "measured here"],
+                [(r["name"], f"{r['data']}, {r['optimizer']} lr {r['lr']:g}, {r['epochs']} "
+                  f"epochs, batch {r['batch_size']}" + (", augmented" if r.get("augment") else ""),
+                  measured(r["measured"])) for r in rows],
+                justify={0: "left", 1: "left", 2: "left"}))
     return 0
 
 

@@ -77,6 +77,14 @@ def clock(seconds: float) -> str:
     return f"{h}:{m:02d}:{s % 60:02d}" if h else f"{m}:{s % 60:02d}"
 
 
+def duration(seconds: float) -> str:
+    """Roughly, for people: 40 -> '40 s', 440 -> '7 min', 5400 -> '1 h 30 min'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 90 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
 def format_metrics(logs: dict) -> str:
     return " - ".join(f"{k}: {v:.4f}" for k, v in logs.items() if v is not None)
 
@@ -128,6 +136,15 @@ class EpochProgress:
             eta = f" - run ETA {clock(self.spent / self.timed * left)}" if left > 0 else ""
             print(f"{head} - {secs:.1f}s - {format_metrics(shown)}{eta}", file=self.file,
                   flush=True)
+
+    def note(self, text: str):
+        """A line above the progress bar (or on its own)."""
+        if not self.verbose:
+            return
+        if self._progress is not None:
+            self._progress.console.print(text, markup=False, highlight=False)
+        else:
+            print(text, file=self.file, flush=True)
 
     def close(self):
         if self._progress is not None:

@@ -19,8 +19,9 @@ import time
 import numpy as np
 
 from ..augment import alternating_flip
-from ..console import EpochProgress
+from ..console import EpochProgress, duration
 from ..engines.base import Tally, resolve_engine
+from ..hardware import choose_precision, cpu_flags
 from ..losses import LossError, resolve_loss
 from .config import TrainConfig, TrainingError, bigger_is_better, param_groups, scheduled_lr
 from . import distributed
@@ -209,6 +210,7 @@ class Trainer:
                     if self.alternate_flip else {}
                 be.train_step(idx, step_seed(cfg.seed, epoch, s), **extra)
                 self.step_in_epoch = s + 1
+                self._pace(progress, epoch * self.steps + s + 1)
                 if self.lookahead is not None:
                     self.lookahead.after_step(be, epoch * self.steps + s + 1, self.total_steps)
                 sync = progress.live or self.world.size > 1   # collect is a collective
@@ -231,6 +233,35 @@ class Trainer:
             if getattr(self.model, "stop_training", False):
                 self.stopped_early = True
             self.on_epoch_end(self)
+
+    PACE_STEPS = (1, 4)   # the steps timed for the run's estimate (the first one warms up)
+
+    def _pace(self, progress, t: int):
+        """Once per process, after a few steps: how long the whole run will take at the
+        pace of those steps, said up front when it is more than a couple of minutes."""
+        first, last = self.PACE_STEPS
+        done = getattr(self, "_pace_done", 0) + 1
+        self._pace_done = done
+        if done == first:
+            self._pace_t0 = time.perf_counter()
+        if done != last or not self.world.is_main or not self.cfg.verbose:
+            return
+        if getattr(self.backend, "device", None) is not None and self.backend.device.type != "cpu":
+            return   # device steps run asynchronously: the epoch lines say it better
+        per_step = (time.perf_counter() - self._pace_t0) / (last - first)
+        left = per_step * (self.total_steps - t)
+        if left >= 120:
+            progress.note(f"This run will take about {duration(left)} more at the pace of its first "
+                          f"steps{self._speed_hint()}.")
+
+    def _speed_hint(self) -> str:
+        prec = getattr(self.backend, "precision", None)   # the torch engine's choice
+        if prec is None or prec.precision != "fp32":
+            return ""
+        if choose_precision("cpu", cpu_flags()).precision == "bf16":
+            return " (fp32; this CPU runs bf16 natively: --precision bf16 is faster)"
+        return (" (fp32: this CPU has no native bf16; one with AVX512-BF16 or AMX, or a GPU, "
+                "trains several times faster)")
 
     def _after_epoch(self, logs):
         cfg = self.cfg

@@ -1,0 +1,144 @@
+"""CPU choices for fast training, measured one at a time on the airbench network (or another
+zoo model): batch size, memory format, threads and precision for training; eager against
+torch.compile for evaluation and test-time augmentation. Random uint8 data (speed does not
+depend on content); each figure is the best of `--repeats` timings after warm-up steps.
+
+    python bench/bench_cpu_choices.py                   # airbench, writes RESULTS.md
+    python bench/bench_cpu_choices.py --model cifar-basic --no-compile
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(HERE))
+from results import write_section  # noqa: E402
+from bench_time_to_accuracy import cpu_line  # noqa: E402
+
+from cnnlab import zoo  # noqa: E402
+from cnnlab.engines.torch.engine import TorchNet, load_weights  # noqa: E402
+from cnnlab.training.config import TrainConfig  # noqa: E402
+from cnnlab.training.data import prepare_data  # noqa: E402
+from cnnlab.training.loop import Trainer  # noqa: E402
+
+
+def train_speed(name, batch, precision, channels_last, threads, steps, warmup=2, repeats=2):
+    """Training images/s of the cnnlab loop's step with the recipe's other options."""
+    torch.set_num_threads(threads)
+    model = zoo.build(name)
+    rng = np.random.default_rng(0)
+    n = batch * (steps + warmup)
+    x = rng.integers(0, 256, (n, *model.input_shape), dtype=np.uint8)
+    y = rng.integers(0, model.num_classes, n)
+    recipe = {k: v for k, v in zoo.recipe(name).items() if k != "description"}
+    recipe.update(data="arrays", batch_size=batch, precision=precision, verbose=0,
+                  engine="torch", device="cpu", channels_last=channels_last)
+    cfg = TrainConfig.from_dict(recipe).check()
+    be = Trainer(model, cfg, prepare_data((x, y), cfg, model.input_shape)).backend
+    best = 0.0
+    for _ in range(repeats):
+        for s in range(warmup):
+            be.train_step(np.arange(s * batch, (s + 1) * batch), s)
+        be.collect()
+        t = time.perf_counter()
+        for s in range(warmup, warmup + steps):
+            be.train_step(np.arange(s * batch, (s + 1) * batch), s)
+        be.collect()
+        best = max(best, batch * steps / (time.perf_counter() - t))
+    return best
+
+
+def six_views(x):
+    """The views of TTA level 2: the image, the two diagonal 1-pixel shifts, and mirrors."""
+    h, w = x.shape[2:]
+    p = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    views = [x, p[:, :, :h, :w], p[:, :, 2:, 2:]]
+    return views + [v.flip(3) for v in views]
+
+
+def eval_speed(name, compiled, threads, n=2000, batch=500, tta=False):
+    """Inference images/s in bf16 autocast (channels_last), eager or torch.compile'd;
+    with tta, the six views of TTA level 2 count as one image. Returns (images/s,
+    seconds spent before the first timed pass, compilation included)."""
+    torch.set_num_threads(threads)
+    model = zoo.build(name)
+    model.init_weights(0)
+    net = TorchNet(model)
+    load_weights(net, model)
+    net = net.to(memory_format=torch.channels_last).eval()
+    fn = torch.compile(net, dynamic=False) if compiled else net
+    x = torch.randn(n, *(model.input_shape[2], *model.input_shape[:2])).contiguous(
+        memory_format=torch.channels_last)
+
+    def run():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            for i in range(0, n, batch):
+                xb = x[i:i + batch]
+                for v in (six_views(xb) if tta else [xb]):
+                    fn(v.contiguous(memory_format=torch.channels_last))
+    t = time.perf_counter()
+    run()
+    first = time.perf_counter() - t
+    t = time.perf_counter()
+    run()
+    return n / (time.perf_counter() - t), first
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="airbench")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--batches", default="256,512,1024")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    name, rows = args.model, []
+
+    def add(what, setting, value, unit="training images/s"):
+        rows.append((what, setting, value, unit))
+        print(f"{what:28s} {setting:44s} {value:8.1f} {unit}", flush=True)
+
+    batches = [int(b) for b in args.batches.split(",")]
+    for b in batches:
+        add("batch size", f"{b}, bf16, channels_last, 2 threads",
+            train_speed(name, b, "bf16", True, 2, args.steps))
+    big = batches[-1]
+    add("memory format", f"{big}, bf16, contiguous (NCHW), 2 threads",
+        train_speed(name, big, "bf16", False, 2, args.steps))
+    add("threads", f"{big}, bf16, channels_last, 1 thread",
+        train_speed(name, big, "bf16", True, 1, args.steps))
+    small = batches[0]
+    for cl in (True, False):
+        add("precision", f"{small}, fp32, {'channels_last' if cl else 'contiguous (NCHW)'}, "
+                         f"2 threads", train_speed(name, small, "fp32", cl, 2, 2, warmup=1,
+                                                   repeats=1))
+    add("precision", f"{small}, bf16, channels_last, 2 threads",
+        train_speed(name, small, "bf16", True, 2, args.steps))
+    for tta in (False, True):
+        what = "TTA level 2 (6 views)" if tta else "evaluation"
+        ips, first = eval_speed(name, False, 2, tta=tta)
+        add(what, "eager, bf16", ips, "test images/s")
+        if not args.no_compile:
+            ips_c, first_c = eval_speed(name, True, 2, tta=tta)
+            add(what, f"torch.compile, bf16 (first pass {first_c:.0f} s vs {first:.1f} s)",
+                ips_c, "test images/s")
+    if args.no_write:
+        return
+    body = [f"`{name}` with its recipe's options; random data; best of 2 timings after warm-up "
+            f"steps (fp32: one timing). {cpu_line()}.", "",
+            "| choice | setting | figure | unit |", "| --- | --- | ---: | --- |"]
+    body += [f"| {w} | {s} | {v:.0f} | {u} |" for w, s, v, u in rows]
+    body.append(f"\nReproduce: `.venv/bin/python bench/bench_cpu_choices.py --model {name}`")
+    write_section(f"CPU choices ({name})", "\n".join(body))
+
+
+if __name__ == "__main__":
+    main()
