@@ -1,7 +1,8 @@
 """CPU choices for fast training, measured one at a time on the airbench network (or another
 zoo model): batch size, memory format, threads and precision for training; eager against
 torch.compile for evaluation and test-time augmentation. Random uint8 data (speed does not
-depend on content); each figure is the best of `--repeats` timings after warm-up steps.
+depend on content); each bf16 figure is the best of 2 timings after warm-up steps, each
+fp32 one (4-8x slower) a single timing of 2 steps.
 
     python bench/bench_cpu_choices.py                   # airbench, writes RESULTS.md
     python bench/bench_cpu_choices.py --model cifar-basic --no-compile

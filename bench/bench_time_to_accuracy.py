@@ -8,6 +8,8 @@ bench/time_to_accuracy.json; the table goes to RESULTS.md and the curves to
 bench/time_to_accuracy.png.
 
     python bench/bench_time_to_accuracy.py airbench:cifar10 --seeds 0,1,2
+    python bench/bench_time_to_accuracy.py mnist-bn:fashion-mnist --tta 1 \
+        --set 'augment={"crop": 2, "flip": true, "fill": "zero"}'
     python bench/bench_time_to_accuracy.py airbench:cifar10 --epochs 1 --note "smoke test"
     python bench/bench_time_to_accuracy.py --throughput airbench --precisions fp32,bf16
 """
@@ -73,14 +75,14 @@ def time_run(model_name, data, args, seed):
     train_seconds = sum(h["seconds"] for h in hist)
     tta = None
     if args.tta:
-        res = evaluate(model, ds, tta=args.tta, precision=recipe.get("precision", "fp32"))
+        res = evaluate(model, ds, tta=args.tta, precision=recipe.get("precision", "auto"))
         tta = res["accuracy"]
         curve.append((round(time.perf_counter() - t0, 2), tta))
     fp32_eval = None
     if args.eval_fp32:   # the same weights evaluated in fp32 (not timed in the curve)
         fp32_eval = evaluate(model, ds, precision="fp32")["accuracy"]
         print(f"evaluated in fp32: {fp32_eval:.4f}")
-    precision = recipe.get("precision", "fp32")
+    precision = recipe.get("precision", "auto")
     if precision == "auto":   # what it chose here
         import torch
         kind = "cuda" if torch.cuda.is_available() and recipe.get("device") != "cpu" else "cpu"
@@ -149,6 +151,10 @@ def draw(runs):
     plt.close(fig)
 
 
+def cpu_of(r) -> str:
+    return r["machine"].split(",")[0].replace("(R)", "")
+
+
 def note(r) -> str:
     changed = ", ".join(f"`{o}`" for o in r.get("overrides", []))
     return "; ".join(x for x in (changed, r.get("note")) if x)
@@ -156,13 +162,13 @@ def note(r) -> str:
 
 def write_results(store):
     rows = ["| model | data | precision | epochs | seed | test accuracy | with TTA | wall time "
-            "| train images/s | date | note |",
-            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+            "| train images/s | CPU | date | note |",
+            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |"]
     for r in store["runs"]:
         tta = "" if r["tta_accuracy"] is None else f"{r['tta_accuracy']:.4f} (level {r['tta']})"
         rows.append(f"| {r['model']} | {r['data']} | {r['precision']} | {r['epochs']} | "
                     f"{r['seed']} | {r['accuracy']:.4f} | {tta} | {r['wall_seconds'] / 60:.1f} min "
-                    f"| {r['epoch_images_per_s']:.0f} | {r['date'][:10]} | {note(r)} |")
+                    f"| {r['epoch_images_per_s']:.0f} | {cpu_of(r)} | {r['date'][:10]} | {note(r)} |")
     tp = ["| model | precision | batch | images/s | device | date | note |",
           "| --- | --- | ---: | ---: | --- | --- | --- |"]
     for r in store["throughput"]:
@@ -170,13 +176,14 @@ def write_results(store):
                   f"| {r['device']} | {r['date'][:10]} | {r['note'] or ''} |")
     notes = "".join(f"- {n}\n" for n in store.get("observations", []))
     notes = f"\n\nObservations (kept in {STORE.name}):\n\n{notes.rstrip()}" if notes else ""
-    body = (f"{cpu_line()}\n\nWall time includes data loading, whitening and every epoch's "
+    body = (f"This machine: {cpu_line()}\n\nWall time includes data loading, whitening and every epoch's "
             f"evaluation; 'train images/s' counts the epochs' time (training and validation).\n\n"
             + "\n".join(rows) + "\n\nTraining throughput of the loop's step (random data, the "
             "recipe's options, after warm-up steps):\n\n" + "\n".join(tp) + notes
             + f"\n\n![accuracy against time]({FIGURE.name})\n\nReproduce: "
-            "`.venv/bin/python bench/bench_time_to_accuracy.py airbench:cifar10 --seeds 0,1,2` "
-            "and `--throughput airbench --precisions fp32,bf16`")
+            "`.venv/bin/python bench/bench_time_to_accuracy.py MODEL:DATA --seeds 0 --tta 0` "
+            "with the row's epochs and `--set` overrides (e.g. `mnist-bn:mnist`, "
+            "`airbench:cifar10 --tta 2`), and `--throughput MODEL --precisions fp32,bf16`")
     write_section(TITLE, body)
 
 
@@ -221,8 +228,10 @@ def main():
                   f"{r['tta_accuracy']}, {r['wall_seconds'] / 60:.1f} min")
             store["runs"].append(r)
     STORE.write_text(json.dumps(store, indent=1) + "\n")
-    if store["runs"]:
-        draw(store["runs"])
+    shown = [r for r in store["runs"] if not (r.get("note") or "").startswith(("experiment",
+                                                                            "smoke"))]
+    if shown:   # experiments and smoke tests stay in the table only
+        draw(shown)
     write_results(store)
 
 

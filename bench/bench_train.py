@@ -1,7 +1,7 @@
 """Training throughput: cnnlab's training loop against a plain PyTorch loop (and Keras 3).
 
-Same network, optimizer (Adam 1e-3), batch size and data for each; images/s over
-timed steps after a warm-up. Data are random uint8 images (throughput does not
+Same network, optimizer, batch size and data for each (Adam 1e-3, or with --recipes the
+zoo recipe's options); images/s over timed steps after a warm-up. Data are random uint8 images (throughput does not
 depend on content). Run alone: two benchmarks at once on 2 cores halve both.
 
     python bench/bench_train.py                 # cifar-basic and cifar-bn, fp32
@@ -81,8 +81,18 @@ def recipe_of(name, use_recipe):
 
 
 def plain_optimizer(net, r):
-    if r.get("optimizer", "adam") == "adam":
-        return torch.optim.Adam(net.parameters(), r.get("lr", 1e-3))
+    name, lr = r.get("optimizer", "adam"), r.get("lr", 1e-3)
+    if name in ("adam", "adamw"):
+        make = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+        wd = r.get("weight_decay")
+        return make(net.parameters(), lr, weight_decay=(0.01 if name == "adamw" else 0.0)
+                    if wd is None else wd)
+    if name != "sgd":
+        raise SystemExit(f"the plain loop has no {name} optimizer")
+    if not r.get("decoupled"):
+        return torch.optim.SGD(net.parameters(), lr, momentum=r.get("momentum", 0.0),
+                               nesterov=r.get("nesterov", False),
+                               weight_decay=r.get("weight_decay") or 0.0)
     # SGD with airbench's decoupled lr and decay, BatchNorm biases apart (lr x bias_lr)
     k = 1024 * (1 + 1 / (1 - r["momentum"]))
     lr, wd = r["lr"] / k, r["weight_decay"] * r["batch_size"] / k

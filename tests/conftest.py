@@ -9,6 +9,9 @@ SHARED_DATASETS = Path(os.environ.get("CNNLAB_SHARED_DATASETS")
 # One thread everywhere: under load, several OpenMP threads on 2 cores stall each other
 # (a 30 s test took 440 s). Subprocesses (the CLI) inherit the environment.
 os.environ["OMP_NUM_THREADS"] = "1"
+# The tests compare numbers exactly: `--precision auto` (the default) means fp32 here,
+# whatever the CPU; the tests of `auto` itself unset it.
+os.environ["CNNLAB_PRECISION"] = "fp32"
 os.environ.setdefault("KERAS_BACKEND", "torch")   # Keras 3, the tests' oracle, runs on torch
 try:
     import torch

@@ -36,7 +36,25 @@ def test_cpu_flags_read_from_a_cpuinfo_file(tmp_path):
     assert hardware.cpu_flags(tmp_path / "absent") == frozenset()
 
 
-def test_auto_precision_is_recorded_in_config_json(tmp_path):
+def test_a_resumed_run_keeps_the_precision_auto_chose(tmp_path, monkeypatch):
+    from cnnlab import Sequential
+    from cnnlab.layers import Dense, Flatten, Input
+    from cnnlab.training import fit
+    from cnnlab.training.run import CHECKPOINT, read_checkpoint
+    x = np.random.default_rng(0).integers(0, 256, (16, 4, 4, 1), dtype=np.uint8)
+    model = Sequential([Input((4, 4, 1)), Flatten(), Dense(2, activation="softmax")])
+    monkeypatch.setenv(hardware.PIN_VARIABLE, "bf16")
+    fit(model, (x, np.arange(16) % 2), epochs=1, batch_size=8, engine="torch", device="cpu",
+        out=str(tmp_path / "run"), verbose=0)
+    _, meta = read_checkpoint(tmp_path / "run" / CHECKPOINT)
+    assert meta["trainer"]["config"]["precision"] == "bf16"   # not "auto": another machine
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["train"]["precision"] == "auto"              # what was asked, and
+    assert config["precision"]["chosen"] == "bf16"             # what it meant here
+
+
+def test_auto_precision_is_recorded_in_config_json(tmp_path, monkeypatch):
+    monkeypatch.delenv(hardware.PIN_VARIABLE)   # the machine's own choice
     from cnnlab import Sequential
     from cnnlab.layers import Dense, Flatten, Input
     from cnnlab.training import fit
@@ -49,6 +67,19 @@ def test_auto_precision_is_recorded_in_config_json(tmp_path):
     expected = hardware.auto_precision("cpu")
     assert config["train"]["precision"] == "auto"
     assert config["precision"] == {"chosen": expected.precision, "reason": expected.reason}
+
+
+def test_the_default_precision_is_auto_and_can_be_pinned(monkeypatch):
+    from cnnlab.training.config import TrainConfig
+    from cnnlab.engines.torch.backend import precision_of
+    assert TrainConfig().precision == "auto"
+    for pin in ("fp32", "bf16"):
+        monkeypatch.setenv(hardware.PIN_VARIABLE, pin)
+        choice = precision_of("auto", "cpu")
+        assert (choice.precision, choice.reason) == (pin, "auto: set by CNNLAB_PRECISION")
+        assert precision_of("fp32", "cpu").precision == "fp32"   # asked for: kept
+    monkeypatch.setenv(hardware.PIN_VARIABLE, "fp8")   # not a pin: the machine decides
+    assert precision_of("auto", "cpu") == hardware.choose_precision("cpu", hardware.cpu_flags())
 
 
 # Keras layer options: trainable, BatchNorm center/scale, use_bias, Rescaling ------------
@@ -607,10 +638,48 @@ def test_a_long_run_says_up_front_how_long_it_will_take(monkeypatch, capsys,
     model = Sequential([Input((4, 4, 1)), Flatten(), Dense(2, activation="softmax")])
     fit(model, (x, y), epochs=3, batch_size=4, engine="numpy", verbose=2)
     out = capsys.readouterr().out
-    notes = [line for line in out.splitlines() if line.startswith("This run will take")]
+    notes = [line for line in out.splitlines() if line.startswith("Training will take")]
     if not shown:
         assert notes == []
         return
     # 48 steps of which 4 are done when it speaks
     assert len(notes) == 1
     assert "about 7 min more" in notes[0], notes[0]   # 44 steps of 10 s
+    assert "bf16" not in notes[0]   # the NumPy engine computes in fp32: no precision hint
+
+
+# the zoo's recipes -----------------------------------------------------------------------
+def test_every_zoo_recipe_is_a_valid_training_config_and_zoo_shows_its_figures(capsys):
+    from cnnlab import cli, zoo
+    from cnnlab.training.config import TrainConfig
+    for name in zoo.MODELS:
+        recipe = {k: v for k, v in zoo.recipe(name).items() if k != "description"}
+        TrainConfig.from_dict(recipe).check()
+        m = zoo.measured(name)
+        if m is not None:
+            assert {"data", "accuracy", "minutes", "machine"} <= set(m)
+            assert 0 < m["accuracy"] <= 1 and m["minutes"] > 0
+    assert cli.main(["zoo", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == list(zoo.MODELS)
+    assert all(r["measured"] == zoo.measured(r["name"]) for r in rows)
+    assert cli.main(["zoo"]) == 0
+    out = capsys.readouterr().out
+    for name in zoo.MODELS:
+        m = zoo.measured(name)
+        if m is not None:
+            assert f"{100 * m['accuracy']:.2f}%" in out
+
+
+def test_mnist_bn_recipe_learns_a_small_subset():
+    from cnnlab import datasets, zoo
+    from cnnlab.training import fit
+    ds = datasets.load("mnist-5k")
+    model = zoo.build("mnist-bn")
+    recipe = {k: v for k, v in zoo.recipe("mnist-bn").items() if k not in ("description", "data")}
+    recipe.update(epochs=4, precision="fp32", verbose=0)
+    hist = fit(model, (ds.x_train[:2048], ds.y_train[:2048]), **recipe).history
+    # 64 steps: BatchNorm's moving statistics (momentum 0.99) have not settled for
+    # evaluation yet; the training loss and accuracy show the learning
+    assert all(b < a for a, b in zip(hist["loss"], hist["loss"][1:]))
+    assert hist["accuracy"][-1] > 0.5 > hist["accuracy"][0]

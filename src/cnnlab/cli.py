@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (default): torch when installed, else the NumPy engine")
     t.add_argument("--precision", choices=["fp32", "bf16", "auto"],
                    help="bf16: mixed precision; auto: bf16 where the hardware runs it "
-                        "natively (AVX512-BF16/AMX, CUDA bf16), else fp32 (default fp32)")
+                        "natively (AVX512-BF16/AMX, CUDA bf16), else fp32 (default auto)")
     t.add_argument("--out", help="run directory (default runs/<model>-<data>-<time>)")
     t.add_argument("--resume", metavar="RUN_DIR",
                    help="continue a run from its checkpoint (with --epochs N: extend it to N)")
@@ -465,15 +465,15 @@ def cmd_zoo(args):
     def measured(m):
         if not m:
             return "not measured yet"
-        acc = f"{100 * m['accuracy']:.1f}%"
+        acc = f"{100 * m['accuracy']:.2f}%"
         if m.get("tta_accuracy"):
-            acc += f" ({100 * m['tta_accuracy']:.1f}% TTA)"
+            acc += f" ({100 * m['tta_accuracy']:.2f}% TTA)"
         return f"{acc} on {m['data']} in {m['minutes']:.1f} min, {m['machine']}"
     print(table(["model", "params", "input", "description"],
                 [(r["name"], f"{r['params']:,}", "x".join(map(str, r["input"])),
                   r["description"]) for r in rows],
                 justify={0: "left", 3: "left"}))
-    print(table(["model", "recipe (cnnlab train MODEL)", "measured here"],
+    print(table(["model", "recipe (cnnlab train MODEL)", "measured (reference machine)"],
                 [(r["name"], f"{r['data']}, {r['optimizer']} lr {r['lr']:g}, {r['epochs']} "
                   f"epochs, batch {r['batch_size']}" + (", augmented" if r.get("augment") else ""),
                   measured(r["measured"])) for r in rows],

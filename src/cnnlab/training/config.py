@@ -64,7 +64,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     engine: str = "auto"                  # auto: torch when installed, else numpy
-    precision: str = "fp32"               # auto: bf16 where native (cnnlab.hardware), else fp32
+    precision: str = "auto"               # bf16 where native (cnnlab.hardware), else fp32
     channels_last: bool = True
     out: str | None = None
     verbose: int = 1

@@ -132,6 +132,7 @@ class Trainer:
             self.lookahead = Lookahead(**cfg.lookahead)
             self.lookahead.start(self.backend.export_weights())
         self.alternate_flip = (cfg.augment or {}).get("flip") == "alternate"
+        self._pace_done, self._pace_t0 = 0, 0.0   # steps timed for the run's estimate
 
     @property
     def total_steps(self) -> int:
@@ -237,11 +238,12 @@ class Trainer:
     PACE_STEPS = (1, 4)   # the steps timed for the run's estimate (the first one warms up)
 
     def _pace(self, progress, t: int):
-        """Once per process, after a few steps: how long the whole run will take at the
-        pace of those steps, said up front when it is more than a couple of minutes."""
+        """Once per process, after a few steps on the CPU: how long the rest of the training
+        steps will take at the pace of those steps, said up front when it is more than a
+        couple of minutes (evaluation comes on top)."""
         first, last = self.PACE_STEPS
-        done = getattr(self, "_pace_done", 0) + 1
-        self._pace_done = done
+        self._pace_done += 1
+        done = self._pace_done
         if done == first:
             self._pace_t0 = time.perf_counter()
         if done != last or not self.world.is_main or not self.cfg.verbose:
@@ -251,12 +253,13 @@ class Trainer:
         per_step = (time.perf_counter() - self._pace_t0) / (last - first)
         left = per_step * (self.total_steps - t)
         if left >= 120:
-            progress.note(f"This run will take about {duration(left)} more at the pace of its first "
-                          f"steps{self._speed_hint()}.")
+            progress.note(f"Training will take about {duration(left)} more at the pace of its "
+                          f"first steps{self._speed_hint()}.")
 
     def _speed_hint(self) -> str:
-        prec = getattr(self.backend, "precision", None)   # the torch engine's choice
-        if prec is None or prec.precision != "fp32":
+        if self.backend.name != "torch":
+            return ""
+        if self.backend.precision.precision != "fp32":
             return ""
         if choose_precision("cpu", cpu_flags()).precision == "bf16":
             return " (fp32; this CPU runs bf16 natively: --precision bf16 is faster)"

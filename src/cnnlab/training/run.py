@@ -81,8 +81,12 @@ class Run:
             tensors.update(t.lookahead.tensors())
         if t.best_weights is not None:
             tensors.update({f"best.{k}": v for k, v in t.best_weights.items()})
+        config = asdict(t.cfg)
+        choice = getattr(t.backend, "precision", None)
+        if choice is not None:   # a resumed run keeps what `auto` chose, on any machine
+            config["precision"] = choice.precision
         meta = {"format": CHECKPOINT_FORMAT,
-                "trainer": {**t.state_json(), "config": asdict(t.cfg)},
+                "trainer": {**t.state_json(), "config": config},
                 "backend": backend_json, "model": t.model.get_config(), "meta": t.model.meta}
         if self.main:
             atomic_write_bytes(self.checkpoint, pack(tensors, meta))
