@@ -21,28 +21,17 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 from results import write_section  # noqa: E402
-from bench_time_to_accuracy import cpu_line  # noqa: E402
+from bench_time_to_accuracy import cpu_line, loop_backend  # noqa: E402
 
 from cnnlab import zoo  # noqa: E402
 from cnnlab.engines.torch.engine import TorchNet, load_weights  # noqa: E402
-from cnnlab.training.config import TrainConfig  # noqa: E402
-from cnnlab.training.data import prepare_data  # noqa: E402
-from cnnlab.training.loop import Trainer  # noqa: E402
 
 
 def train_speed(name, batch, precision, channels_last, threads, steps, warmup=2, repeats=2):
     """Training images/s of the cnnlab loop's step with the recipe's other options."""
     torch.set_num_threads(threads)
-    model = zoo.build(name)
-    rng = np.random.default_rng(0)
-    n = batch * (steps + warmup)
-    x = rng.integers(0, 256, (n, *model.input_shape), dtype=np.uint8)
-    y = rng.integers(0, model.num_classes, n)
-    recipe = {k: v for k, v in zoo.recipe(name).items() if k != "description"}
-    recipe.update(data="arrays", batch_size=batch, precision=precision, verbose=0,
-                  engine="torch", device="cpu", channels_last=channels_last)
-    cfg = TrainConfig.from_dict(recipe).check()
-    be = Trainer(model, cfg, prepare_data((x, y), cfg, model.input_shape)).backend
+    be = loop_backend(name, batch, steps + warmup, precision=precision,
+                      channels_last=channels_last)
     best = 0.0
     for _ in range(repeats):
         for s in range(warmup):

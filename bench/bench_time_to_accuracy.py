@@ -97,22 +97,27 @@ def time_run(model_name, data, args, seed):
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
-def throughput(model_name, precision, batch, steps=6, warmup=2):
-    """Training images/s of the cnnlab loop's step (random uint8 data, the recipe's options)."""
+def loop_backend(model_name, batch, n_batches, **options):
+    """The cnnlab loop's training backend for a zoo model with its recipe's options (and
+    `options` over them), on n_batches batches of random uint8 images."""
     from cnnlab.training.config import TrainConfig
     from cnnlab.training.data import prepare_data
     from cnnlab.training.loop import Trainer
     model = zoo.build(model_name)
     rng = np.random.default_rng(0)
-    n = batch * (steps + warmup)
+    n = batch * n_batches
     x = rng.integers(0, 256, (n, *model.input_shape), dtype=np.uint8)
     y = rng.integers(0, model.num_classes, n)
     recipe = {k: v for k, v in zoo.recipe(model_name).items() if k not in ("description",)}
-    recipe.update(data="arrays", batch_size=batch, precision=precision, verbose=0,
-                  engine="torch", device="cpu")
+    recipe.update(data="arrays", batch_size=batch, verbose=0, engine="torch", device="cpu",
+                  **options)
     cfg = TrainConfig.from_dict(recipe).check()
-    trainer = Trainer(model, cfg, prepare_data((x, y), cfg, model.input_shape))
-    be = trainer.backend
+    return Trainer(model, cfg, prepare_data((x, y), cfg, model.input_shape)).backend
+
+
+def throughput(model_name, precision, batch, steps=6, warmup=2):
+    """Training images/s of the cnnlab loop's step (random uint8 data, the recipe's options)."""
+    be = loop_backend(model_name, batch, steps + warmup, precision=precision)
     times = []
     for s in range(steps + warmup):
         t = time.perf_counter()
