@@ -47,10 +47,33 @@ def cpu_line() -> str:
             f"`--precision auto` picks {choice}")
 
 
+def jpeg_again(x, quality, shift=4):
+    """Every image through JPEG once more (Pillow, 4:2:0 chroma) on an 8x8 grid moved by
+    `shift` pixels, so the new blocks do not line up with those of an earlier compression
+    (re-encoding on the same grid at the same quality changes almost nothing)."""
+    import io
+    from PIL import Image
+    out = np.empty_like(x)
+    pad = ((shift, 8 - shift), (shift, 8 - shift), (0, 0))
+    for i, img in enumerate(x):
+        buf = io.BytesIO()
+        Image.fromarray(np.pad(img, pad, mode="reflect").squeeze()).save(buf, "JPEG",
+                                                                          quality=quality)
+        buf.seek(0)
+        dec = np.asarray(Image.open(buf).convert("RGB" if img.shape[2] == 3 else "L"))
+        out[i] = dec.reshape(dec.shape[0], dec.shape[1], -1)[shift:shift + img.shape[0],
+                                                             shift:shift + img.shape[1]]
+    return out
+
+
 def time_run(model_name, data, args, seed):
     """One training run; returns its record with the (seconds, accuracy) curve."""
     t0 = time.perf_counter()
     ds = datasets.load(data, data_dir=args.data_dir, download=False)
+    if args.jpeg:
+        t1 = time.perf_counter()
+        ds.x_train, ds.x_test = jpeg_again(ds.x_train, args.jpeg), jpeg_again(ds.x_test, args.jpeg)
+        t0 += time.perf_counter() - t1   # an experiment's preparation, not the recipe's time
     recipe = {k: v for k, v in zoo.recipe(model_name).items() if k != "description"}
     recipe.update(seed=seed, verbose=args.verbose, data=data)
     for key in ("epochs", "precision", "batch_size", "engine"):
@@ -88,7 +111,8 @@ def time_run(model_name, data, args, seed):
         kind = "cuda" if torch.cuda.is_available() and recipe.get("device") != "cpu" else "cpu"
         precision = f"auto: {hardware.auto_precision(kind).precision}"
     return {"model": model_name, "data": data, "seed": seed, "epochs": len(hist),
-            "classes": ds.num_classes, "precision": precision, "overrides": args.set,
+            "classes": ds.num_classes, "precision": precision,
+            "overrides": args.set + ([f"jpeg={args.jpeg}"] if args.jpeg else []),
             "batch_size": recipe["batch_size"],
             "train_images": int(len(ds.x_train)), "accuracy": hist[-1].get("val_accuracy"),
             "tta": args.tta, "tta_accuracy": tta, "fp32_eval_accuracy": fp32_eval, "wall_seconds": curve[-1][0],
@@ -216,6 +240,9 @@ def main():
                     help="override a recipe option, e.g. --set 'label_smoothing=0.1'")
     ap.add_argument("--eval-fp32", action="store_true",
                     help="also evaluate the final weights in fp32 (after the timed run)")
+    ap.add_argument("--jpeg", type=int, metavar="QUALITY",
+                    help="experiment: compress every image once more with JPEG at this quality "
+                         "(on a shifted 8x8 grid) before training")
     ap.add_argument("--tta", type=int, default=2, choices=[0, 1, 2])
     ap.add_argument("--throughput", metavar="MODEL", help="measure training images/s instead")
     ap.add_argument("--precisions", default="fp32,bf16")

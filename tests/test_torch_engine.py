@@ -447,3 +447,23 @@ def test_a_slice_of_the_network_runs_its_first_layers():
     np.testing.assert_allclose(head.permute(0, 2, 3, 1).numpy(), eng.layer_output(x, 2),
                                rtol=1e-6)
     assert isinstance(eng.net[0], MODULES["Conv2D"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_in_training_keeps_a_fraction_scales_and_backpropagates_through_its_mask(dtype):
+    from cnnlab.engines.torch.engine import Dropout as DropoutModule, _call
+    rate = 0.3
+    mod = DropoutModule(L.Dropout(rate), (8, 8, 16), (8, 8, 16))
+    torch.manual_seed(0)
+    x = (torch.rand(64, 16, 8, 8) + 1).to(dtype).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    with _call(training=True):
+        y = mod(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - (1 - rate)) < 0.01   # 65,536 draws: sd 0.002
+    torch.testing.assert_close(y[kept], x.detach()[kept] / (1 - rate), rtol=1e-2, atol=0)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(x.grad, kept.to(dtype) / (1 - rate), rtol=1e-2, atol=0)
+    with _call(training=False):   # inference: the identity
+        assert mod(x) is x

@@ -90,6 +90,17 @@ def mnist_bn(input_shape=(28, 28, 1), num_classes=10):
     return out + [Flatten(), Dropout(0.3), Dense(num_classes), Activation("softmax")]
 
 
+def mnist_fast(input_shape=(28, 28, 1), num_classes=10):
+    """MNIST in under a minute on a laptop CPU: three 3x3 'same' convolutions (16, 32, 64
+    filters) without bias, each followed by BatchNorm, ReLU and 2x2 max-pooling, then Dense
+    (about 2 million multiply-adds per image, a tenth of mnist-bn's)."""
+    out = [Input(input_shape)]
+    for f in (16, 32, 64):
+        out += [Conv2D(f, 3, padding="same", use_bias=False), BatchNorm(), Activation("relu"),
+                MaxPool2D()]
+    return out + [Flatten(), Dense(num_classes), Activation("softmax")]
+
+
 def litecnn(input_shape=(28, 28, 1), num_classes=10):
     """The drawing app's network: a 'full' convolution, a 'valid' one, pooling, dense."""
     return [Input(input_shape),
@@ -144,17 +155,25 @@ _FAST_CIFAR = dict(data="cifar10", optimizer="adamw", lr=3e-3, schedule="onecycl
                    precision="auto")
 
 MODELS = {
+    # 1-pixel shifts: 99.3% on MNIST where unshifted images give 98.9-99.0% (2-pixel shifts
+    # with label smoothing 98.9%: too much for 8,800 parameters)
     "lenet": (lenet, dict(data="mnist-5k", optimizer="adam", lr=3e-3, schedule="cosine", epochs=15,
-                          batch_size=32,
+                          batch_size=32, augment={"crop": 1, "fill": "zero"},
                           description="the MNIST notebook model: two 3x3 convolutions")),
     "lenet5": (lenet5, dict(data="mnist-5k", optimizer="adam", lr=1e-3, epochs=10, batch_size=64,
                             description="classic LeNet-5 with tanh and average pooling")),
     "mnist-bn": (mnist_bn, dict(data="mnist", optimizer="sgd", lr=0.1, momentum=0.9,
                                 nesterov=True, weight_decay=5e-4, schedule="onecycle",
                                 epochs=8, batch_size=128, label_smoothing=0.1,
-                                augment={"crop": 2, "fill": "zero"}, precision="auto",
+                                augment={"crop": 1, "fill": "zero"}, precision="auto",
                                 description="small BatchNorm CNN for 28x28 images (MNIST, "
                                             "Fashion-MNIST)")),
+    "mnist-fast": (mnist_fast, dict(data="mnist", optimizer="sgd", lr=0.1, momentum=0.9,
+                                    nesterov=True, weight_decay=5e-4, schedule="onecycle",
+                                    epochs=3, batch_size=128, label_smoothing=0.1,
+                                    precision="auto",
+                                    description="MNIST to 99% in under a minute: a narrow "
+                                                "BatchNorm CNN, 3 epochs")),
     "cifar-basic": (cifar_basic, dict(_FAST_CIFAR, epochs=28,
                                       description="the tutorial's CIFAR-10 basic model")),
     "cifar-improved": (cifar_improved, dict(_FAST_CIFAR, epochs=36,
