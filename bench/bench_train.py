@@ -213,6 +213,8 @@ def main():
     ap.add_argument("--recipes", action="store_true",
                     help="each model's zoo recipe in both loops (optimizer, batch size, loss, "
                          "augmentation, lookahead); --batch is then the recipe's")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="Keras and cnnlab measured alternately this many times (medians)")
     ap.add_argument("--memory-formats", default="contiguous,channels_last")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
@@ -234,12 +236,18 @@ def main():
                 print(f"{name:12s} {precision} {rows[-1][2]:13s} plain {p:7.1f} img/s  "
                       f"cnnlab {c:7.1f} img/s  ratio {c / p:.2f}", flush=True)
         if args.keras_python:   # Keras' defaults (fp32) against cnnlab's (precision auto)
-            k = keras_loop(args.keras_python, name, n, batch)
-            if k:
-                c = cnnlab_loop(name, x, y, batch, "auto", True, warmup, r)
+            ks, cs = [], []   # alternated, medians: a VM's speed drifts within minutes
+            for _ in range(args.repeats):
+                k = keras_loop(args.keras_python, name, n, batch)
+                if k is None:
+                    break
+                ks.append(k)
+                cs.append(cnnlab_loop(name, x, y, batch, "auto", True, warmup, r))
+            if ks:
+                k, c = float(np.median(ks)), float(np.median(cs))
                 rows.append((name, "keras", "fp32", k, c))
                 print(f"{name:12s} keras 3 (torch backend) {k:7.1f} img/s; cnnlab defaults "
-                      f"{c:.1f} -> {c / k:.2f}x", flush=True)
+                      f"{c:.1f} -> {c / k:.2f}x (medians of {len(ks)})", flush=True)
     if args.no_write:
         return
     from bench_time_to_accuracy import cpu_line
@@ -247,7 +255,8 @@ def main():
             "loops" if args.recipes else f"batch {args.batch}, Adam 1e-3, no augmentation")
     body = [f"Images per second; {what}; {args.steps} timed steps after {warmup} warm-up steps; "
             f"random 32x32x3 data. {cpu_line()}. Keras 3 runs its defaults (fp32), cnnlab its "
-            f"own (`--precision auto`, channels_last).", "",
+            f"own (`--precision auto`, channels_last); the two measured alternately "
+            f"{args.repeats} times, medians.", "",
             "| model | precision | memory format | plain PyTorch | cnnlab | ratio |",
             "| --- | --- | --- | ---: | ---: | ---: |"]
     for name, prec, fmt, p, c in rows:
