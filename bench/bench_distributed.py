@@ -97,7 +97,8 @@ def two_nodes(tmp: Path) -> dict:
     """Two torchrun agents as two machines would start them, then --nproc 2, then one
     process, each training lenet on mnist-5k for one epoch."""
     port = free_port()
-    train = ["-m", "cnnlab.cli", "train", "lenet", "--epochs", "1", "--quiet"]
+    train = ["-m", "cnnlab.cli", "train", "lenet", "--epochs", "1", "--augment", "none",
+             "--quiet"]
     procs = []
     for node in (0, 1):
         env = {**ENV, "OMP_NUM_THREADS": "1"}
@@ -192,7 +193,8 @@ both agents exit 0 in {nodes['wall']:.1f} s; node 1 printed {nodes['node1_stdout
 
 The 2-node and `--nproc 2` metrics are {'identical' if same else 'NOT identical'}; one process
 {'prints the same metrics too' if one_same else 'differs in the last digits (float summation order)'}
-(same global batch of 32, same seed; lenet has no BatchNorm or dropout).
+(same global batch of 32, same seed; lenet has no BatchNorm or dropout, and runs here without
+augmentation).
 
 Reading: 2 ranks x 1 thread ran {r21['images_per_s'] / r12['images_per_s']:.1f}x the images/s of 1 process x 2
 threads, with test accuracies {r21['test_accuracy']:.4f} and {r12['test_accuracy']:.4f} (within the noise of

@@ -112,7 +112,7 @@ def time_run(model_name, data, args, seed):
         precision = f"auto: {hardware.auto_precision(kind).precision}"
     return {"model": model_name, "data": data, "seed": seed, "epochs": len(hist),
             "classes": ds.num_classes, "precision": precision,
-            "overrides": args.set + ([f"jpeg={args.jpeg}"] if args.jpeg else []),
+            "overrides": args.set, "jpeg": args.jpeg,
             "batch_size": recipe["batch_size"],
             "train_images": int(len(ds.x_train)), "accuracy": hist[-1].get("val_accuracy"),
             "tta": args.tta, "tta_accuracy": tta, "fp32_eval_accuracy": fp32_eval, "wall_seconds": curve[-1][0],
@@ -156,11 +156,13 @@ def load_store():
 
 
 def latest(runs):
-    """The newest run of each model, dataset and seed: recipes change, and the figure shows
-    what the current ones do (the table keeps every run)."""
+    """The newest run of each recipe as it is (no overrides), dataset, seed and CPU: recipes
+    change, and the figure shows what the current ones do (the table keeps every run)."""
     newest = {}
     for r in runs:
-        key = (r["model"], r["data"], r["seed"])
+        if r.get("overrides") or r.get("jpeg"):
+            continue
+        key = (r["model"], r["data"], r["seed"], cpu_of(r))
         if key not in newest or r["date"] >= newest[key]["date"]:
             newest[key] = r
     return sorted(newest.values(), key=lambda r: (r["data"], r["model"], r["seed"]))
@@ -207,7 +209,8 @@ def cpu_of(r) -> str:
 
 
 def note(r) -> str:
-    changed = ", ".join(f"`{o}`" for o in r.get("overrides", []))
+    changed = ", ".join([f"`--set {o}`" for o in r.get("overrides", [])]
+                        + ([f"`--jpeg {r['jpeg']}`"] if r.get("jpeg") else []))
     return "; ".join(x for x in (changed, r.get("note")) if x)
 
 

@@ -255,8 +255,9 @@ def main():
             "loops" if args.recipes else f"batch {args.batch}, Adam 1e-3, no augmentation")
     body = [f"Images per second; {what}; {args.steps} timed steps after {warmup} warm-up steps; "
             f"random 32x32x3 data. {cpu_line()}. Keras 3 runs its defaults (fp32), cnnlab its "
-            f"own (`--precision auto`, channels_last); the two measured alternately "
-            f"{args.repeats} times, medians.", "",
+            f"own (`--precision auto`, channels_last). Keras rows: Keras and cnnlab measured "
+            f"alternately (up to {args.repeats} times), medians; other rows: one measurement "
+            f"each.", "",
             "| model | precision | memory format | plain PyTorch | cnnlab | ratio |",
             "| --- | --- | --- | ---: | ---: | ---: |"]
     for name, prec, fmt, p, c in rows:

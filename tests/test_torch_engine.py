@@ -467,3 +467,14 @@ def test_dropout_in_training_keeps_a_fraction_scales_and_backpropagates_through_
     torch.testing.assert_close(x.grad, kept.to(dtype) / (1 - rate), rtol=1e-2, atol=0)
     with _call(training=False):   # inference: the identity
         assert mod(x) is x
+    torch.manual_seed(0)   # the mask comes from torch's generator: a seed repeats it
+    torch.rand(64, 16, 8, 8)
+    state = torch.get_rng_state()
+    with _call(training=True):
+        again = mod(x.detach())
+        torch.set_rng_state(state)
+        once_more = mod(x.detach())
+    assert torch.equal(again != 0, kept) and torch.equal(once_more != 0, kept)
+    zero = DropoutModule(L.Dropout(0.0), (8, 8, 16), (8, 8, 16))
+    with _call(training=True):
+        assert zero(x) is x
