@@ -6,6 +6,7 @@ fp32 one (4-8x slower) a single timing of 2 steps.
 
     python bench/bench_cpu_choices.py                   # airbench, writes RESULTS.md
     python bench/bench_cpu_choices.py --model cifar-basic --no-compile
+    python bench/bench_cpu_choices.py --dropout          # cnnlab's dropout against F.dropout
 """
 from __future__ import annotations
 
@@ -81,6 +82,68 @@ def eval_speed(name, compiled, threads, n=2000, batch=500, tta=False):
     return n / (time.perf_counter() - t), first
 
 
+def dropout_layer_ms(fn, shape, dtype, rate=0.25, reps=40):
+    """Milliseconds for one dropout layer's forward and backward on a (channels_last)
+    activation of `shape`."""
+    x = torch.randn(shape).to(dtype)
+    if x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+
+    def once():
+        y = fn(x, rate)
+        y.backward(torch.ones_like(y))
+    once()
+    t = time.perf_counter()
+    for _ in range(reps):
+        once()
+    return (time.perf_counter() - t) / reps * 1e3
+
+
+def dropout_rows(threads=2, batch=128, steps=15, alternations=4):
+    """cnnlab's CPU dropout (a mask from float32 uniforms) against F.dropout (bernoulli_):
+    one layer at cifar-basic's first dropout shape, then whole cifar-basic training steps
+    with either in the engine, alternated, medians."""
+    import torch.nn.functional as F
+    from cnnlab import layers as L
+    from cnnlab.engines.torch import engine as E
+    torch.set_num_threads(threads)
+    ours = E.Dropout(L.Dropout(0.25), (14, 14, 32), (14, 14, 32))
+
+    def cnnlab_dropout(x, rate):
+        with E._call(training=True):
+            return ours(x)
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        name = str(dtype).replace("torch.", "")
+        for label, fn in (("F.dropout", lambda x, r: F.dropout(x, r, True)),
+                          ("cnnlab", cnnlab_dropout)):
+            rows.append(("one layer (128, 32, 14, 14), forward + backward", f"{label}, {name}",
+                         dropout_layer_ms(fn, (batch, 32, 14, 14), dtype), "ms"))
+    new = E.Dropout.transform
+
+    def old(self, x):
+        return F.dropout(x, self.layer.rate, E._training(self))
+    for precision in ("bf16", "fp32"):
+        be = loop_backend("cifar-basic", batch, 16, precision=precision)
+        speeds = {"F.dropout": [], "cnnlab": []}
+        for _ in range(alternations):
+            for label, transform in (("F.dropout", old), ("cnnlab", new)):
+                E.Dropout.transform = transform
+                be.train_step(np.arange(batch), 0)
+                be.collect()
+                t = time.perf_counter()
+                for s in range(steps):
+                    be.train_step(np.arange((s % 16) * batch, (s % 16 + 1) * batch), s)
+                be.collect()
+                speeds[label].append(batch * steps / (time.perf_counter() - t))
+        E.Dropout.transform = new
+        for label, v in speeds.items():
+            rows.append((f"cifar-basic training step, batch {batch}", f"{label}, {precision}",
+                         float(np.median(v)), f"images/s (median of {alternations})"))
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -89,8 +152,24 @@ def main():
     ap.add_argument("--batches", default="256,512,1024")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--dropout", action="store_true",
+                    help="only: cnnlab's CPU dropout against F.dropout")
     args = ap.parse_args()
     name, rows = args.model, []
+    if args.dropout:
+        rows = dropout_rows()
+        for w, st, v, u in rows:
+            print(f"{w:48s} {st:20s} {v:9.2f} {u}", flush=True)
+        if not args.no_write:
+            body = [f"A dropout mask from float32 uniforms (`rand_like(x) >= rate`, what the "
+                    f"torch engine does on a CPU) against F.dropout (`bernoulli_`). "
+                    f"{cpu_line()}; 2 threads.", "",
+                    "| what | dropout, precision | figure | unit |", "| --- | --- | ---: | --- |"]
+            body += [f"| {w} | {st} | {v:.2f} | {u} |" if u == "ms" else
+                     f"| {w} | {st} | {v:.0f} | {u} |" for w, st, v, u in rows]
+            body.append("\nReproduce: `.venv/bin/python bench/bench_cpu_choices.py --dropout`")
+            write_section("Dropout on a CPU", "\n".join(body))
+        return
 
     def add(what, setting, value, unit="training images/s"):
         rows.append((what, setting, value, unit))

@@ -112,7 +112,7 @@ def time_run(model_name, data, args, seed):
         precision = f"auto: {hardware.auto_precision(kind).precision}"
     return {"model": model_name, "data": data, "seed": seed, "epochs": len(hist),
             "classes": ds.num_classes, "precision": precision,
-            "overrides": args.set, "jpeg": args.jpeg,
+            "overrides": args.set, "jpeg": args.jpeg, "recipe": recipe,
             "batch_size": recipe["batch_size"],
             "train_images": int(len(ds.x_train)), "accuracy": hist[-1].get("val_accuracy"),
             "tta": args.tta, "tta_accuracy": tta, "fp32_eval_accuracy": fp32_eval, "wall_seconds": curve[-1][0],
