@@ -72,7 +72,8 @@ def time_run(model_name, data, args, seed):
     ds = datasets.load(data, data_dir=args.data_dir, download=False)
     if args.jpeg:
         t1 = time.perf_counter()
-        ds.x_train, ds.x_test = jpeg_again(ds.x_train, args.jpeg), jpeg_again(ds.x_test, args.jpeg)
+        ds.x_train = jpeg_again(ds.x_train, args.jpeg)
+        ds.x_test = jpeg_again(ds.x_test, args.jpeg)
         t0 += time.perf_counter() - t1   # an experiment's preparation, not the recipe's time
     recipe = {k: v for k, v in zoo.recipe(model_name).items() if k != "description"}
     recipe.update(seed=seed, verbose=args.verbose, data=data)
