@@ -157,8 +157,9 @@ def load_store():
 
 
 def latest(runs):
-    """The newest run of each recipe as it is (no overrides), dataset, seed and CPU: recipes
-    change, and the figure shows what the current ones do (the table keeps every run)."""
+    """The newest run without --set or --jpeg of each model, dataset, seed and CPU (its
+    epochs, which --epochs may change, are in the label): recipes change, and the figure
+    shows what the current ones do (the table keeps every run)."""
     newest = {}
     for r in runs:
         if r.get("overrides") or r.get("jpeg"):
